@@ -1,0 +1,251 @@
+//! Memory-mapped safetensors checkpoints: one file, or shards listed by
+//! `model.safetensors.index.json`.
+//!
+//! Opening a checkpoint validates every file's header (the safetensors crate
+//! checks that offsets are in bounds and contiguous) and indexes the tensors
+//! by name. Tensor bytes stay in the page cache until a backend converts them
+//! into its own storage, so a 16 GB checkpoint costs no copy to open.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Element types a checkpoint may store; math is always done in f32 or bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::BF16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Range<usize>,
+}
+
+pub struct Checkpoint {
+    files: Vec<Mmap>,
+    tensors: HashMap<String, Entry>,
+}
+
+/// A borrowed tensor of a checkpoint.
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors`, or the shards named by
+    /// `dir/model.safetensors.index.json` when there is no single file.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let paths = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            shard_paths(&index)?
+        } else {
+            return Err(Error::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors nor model.safetensors.index.json in the model directory",
+                ),
+            ));
+        };
+        let mut checkpoint = Checkpoint {
+            files: Vec::with_capacity(paths.len()),
+            tensors: HashMap::new(),
+        };
+        for path in &paths {
+            checkpoint.add_file(path)?;
+        }
+        Ok(checkpoint)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; like every mmap-based loader we rely on
+        // nobody truncating the checkpoint while it is in use.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let invalid = |message: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            message,
+        };
+        let parsed = SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
+        let file_index = self.files.len();
+        for (name, view) in parsed.tensors() {
+            let dtype = match view.dtype() {
+                StDtype::F32 => Dtype::F32,
+                StDtype::BF16 => Dtype::BF16,
+                StDtype::F16 => Dtype::F16,
+                other => {
+                    return Err(invalid(format!(
+                        "tensor {name} has dtype {other:?}; only F32, BF16 and F16 are supported"
+                    )))
+                }
+            };
+            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            let entry = Entry {
+                file: file_index,
+                dtype,
+                shape: view.shape().to_vec(),
+                bytes: start..start + view.data().len(),
+            };
+            if self.tensors.insert(name.clone(), entry).is_some() {
+                return Err(invalid(format!("tensor {name} appears in more than one shard")));
+            }
+        }
+        self.files.push(map);
+        Ok(())
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        let (name, entry) = self
+            .tensors
+            .get_key_value(name)
+            .ok_or_else(|| Error::Tensor {
+                name: name.to_string(),
+                message: "missing from the checkpoint".into(),
+            })?;
+        Ok(TensorView {
+            name,
+            dtype: entry.dtype,
+            shape: &entry.shape,
+            bytes: &self.files[entry.file][entry.bytes.clone()],
+        })
+    }
+
+    /// The tensor, checked to have exactly `shape`.
+    pub fn tensor_shaped(&self, name: &str, shape: &[usize]) -> Result<TensorView<'_>> {
+        let view = self.tensor(name)?;
+        if view.shape != shape {
+            return Err(Error::Tensor {
+                name: name.to_string(),
+                message: format!("has shape {:?}, expected {:?}", view.shape, shape),
+            });
+        }
+        Ok(view)
+    }
+
+    /// The distinct dtypes stored, for `dllm info`.
+    pub fn dtypes(&self) -> Vec<Dtype> {
+        let mut seen: Vec<Dtype> = Vec::new();
+        for entry in self.tensors.values() {
+            if !seen.contains(&entry.dtype) {
+                seen.push(entry.dtype);
+            }
+        }
+        seen
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|e| e.bytes.len() as u64).sum()
+    }
+}
+
+impl TensorView<'_> {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.len()];
+        self.write_f32(&mut out);
+        out
+    }
+
+    /// Converts into `out` (of `self.len()` elements). Byte order is
+    /// little-endian per the safetensors format; unaligned data is fine.
+    pub fn write_f32(&self, out: &mut [f32]) {
+        let size = self.dtype.size();
+        let chunks = self.bytes.chunks_exact(size);
+        match self.dtype {
+            Dtype::F32 => out
+                .iter_mut()
+                .zip(chunks)
+                .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Dtype::BF16 => out
+                .iter_mut()
+                .zip(chunks)
+                .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Dtype::F16 => out
+                .iter_mut()
+                .zip(chunks)
+                .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        }
+    }
+
+    /// The tensor rounded to bf16 (round-to-nearest-even), as a GPU backend stores it.
+    pub fn to_bf16(&self) -> Vec<bf16> {
+        match self.dtype {
+            Dtype::BF16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                .collect(),
+            _ => self.to_f32().into_iter().map(bf16::from_f32).collect(),
+        }
+    }
+}
+
+fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Safetensors {
+            path: index.to_path_buf(),
+            message: "no \"weight_map\" object".into(),
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::Safetensors {
+            path: index.to_path_buf(),
+            message: format!("weight_map entry for {tensor} is not a file name"),
+        })?;
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}

@@ -1,0 +1,207 @@
+//! The float32 building blocks of the CPU reference forward pass. Each is
+//! written to be checked by eye against DESIGN §1; the only concessions to
+//! speed are the GEMM (matrixmultiply, multi-threaded) and rayon over rows.
+
+use rayon::prelude::*;
+
+/// `y[n, out] = x[n, inp] · w[out, inp]ᵀ` (PyTorch `Linear` without bias).
+pub fn linear(x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), n * inp);
+    debug_assert_eq!(w.len(), out * inp);
+    let mut y = vec![0.0f32; n * out];
+    // SAFETY: the slices hold exactly n×inp, out×inp and n×out elements, and
+    // the strides below describe those row-major layouts (w read transposed).
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            inp,
+            out,
+            1.0,
+            x.as_ptr(),
+            inp as isize,
+            1,
+            w.as_ptr(),
+            1,
+            inp as isize,
+            0.0,
+            y.as_mut_ptr(),
+            out as isize,
+            1,
+        );
+    }
+    y
+}
+
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+    }
+}
+
+pub fn add_in_place(x: &mut [f32], delta: &[f32]) {
+    x.iter_mut().zip(delta).for_each(|(a, b)| *a += b);
+}
+
+/// RMSNorm in float32: `x * rsqrt(mean(x²) + eps) * weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len();
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_exact_mut(d)
+        .zip(x.par_chunks_exact(d))
+        .for_each(|(o, row)| {
+            let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let scale = 1.0 / (mean_sq + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+                *o = w * (v * scale);
+            }
+        });
+    out
+}
+
+/// `silu(gate) * up`, in place into `gate`.
+pub fn silu_gate(gate: &mut [f32], up: &[f32]) {
+    gate.par_iter_mut().zip(up).for_each(|(g, u)| {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    });
+}
+
+/// RoPE angles for the rotate-half convention: `cos`/`sin` tables of shape
+/// `[positions, head_dim / 2]`, computed in float32 like the references.
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    half: usize,
+}
+
+impl Rope {
+    pub fn new(positions: &[u32], head_dim: usize, theta: f32) -> Rope {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Rope { cos, sin, half }
+    }
+
+    /// Rotates every head of every row of `x` (`[rows, heads * head_dim]`).
+    pub fn apply(&self, x: &mut [f32], heads: usize) {
+        let hd = 2 * self.half;
+        x.par_chunks_exact_mut(heads * hd)
+            .enumerate()
+            .for_each(|(row, vals)| {
+                let cos = &self.cos[row * self.half..(row + 1) * self.half];
+                let sin = &self.sin[row * self.half..(row + 1) * self.half];
+                for head in vals.chunks_exact_mut(hd) {
+                    let (a, b) = head.split_at_mut(self.half);
+                    for j in 0..self.half {
+                        let (x1, x2) = (a[j], b[j]);
+                        a[j] = x1 * cos[j] - x2 * sin[j];
+                        b[j] = x2 * cos[j] + x1 * sin[j];
+                    }
+                }
+            });
+    }
+}
+
+/// Shapes of one attention call.
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Bidirectional attention of `q` (`[n, heads * head_dim]`) over the first
+/// `keys` rows of the cache (`[slots, kv_heads * head_dim]`), no mask.
+pub fn attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    keys: usize,
+    shape: &AttentionShape,
+) -> Vec<f32> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = *shape;
+    let group = heads / kv_heads;
+    let kv_dim = kv_heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0.0f32; q.len()];
+    out.par_chunks_exact_mut(hd)
+        .zip(q.par_chunks_exact(hd))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; keys],
+            |scores, (index, (o, qh))| {
+                let kv = (index % heads) / group;
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let k = &k_cache[j * kv_dim + kv * hd..][..hd];
+                    *s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0.0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (j, s) in scores.iter().enumerate() {
+                    let v = &v_cache[j * kv_dim + kv * hd..][..hd];
+                    let p = s / sum;
+                    o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+                }
+            },
+        );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_naive_product() {
+        let (n, inp, out) = (3, 5, 4);
+        let x: Vec<f32> = (0..n * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.11).cos()).collect();
+        let y = linear(&x, &w, n, inp, out);
+        for r in 0..n {
+            for c in 0..out {
+                let want: f32 = (0..inp).map(|i| x[r * inp + i] * w[c * inp + i]).sum();
+                assert!((y[r * out + c] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
+        let original = x.clone();
+        Rope::new(&[0, 9], 8, 10000.0).apply(&mut x, 1);
+        assert_eq!(&x[..8], &original[..8]);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&x[8..]) - norm(&original[8..])).abs() < 1e-3);
+        assert_ne!(&x[8..], &original[8..]);
+    }
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        let shape = AttentionShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+        };
+        let q = [1.0, 2.0, -3.0, 0.5];
+        let out = attention(&q, &[0.3, 0.4], &[7.0, -1.0], 1, &shape);
+        assert_eq!(out, vec![7.0, -1.0, 7.0, -1.0]);
+    }
+}

@@ -1,0 +1,412 @@
+//! The decode loop: one loop for every strategy, steered by a [`Plan`].
+//!
+//! A request's [`DecodeOptions`] are checked once against the model and
+//! turned into a plan: which positions each block sees, which forward each
+//! step runs (full, prefix-cached or DualCache), how confidences are scored
+//! and which [`Rule`] commits tokens. The loop itself knows nothing about
+//! strategy names.
+
+mod layout;
+mod rule;
+
+use std::time::{Duration, Instant};
+
+pub use rule::{transfer_schedule, Candidate, Rule};
+
+use crate::backend::{Backend, ForwardPass, TokenStats};
+use crate::config::{Family, ModelConfig};
+use crate::error::{Error, Result};
+use rule::BlockRule;
+
+/// Which key/value cache the steps after a block's first use (DESIGN §3.2-3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Every step is a full forward.
+    None,
+    /// Later steps forward the block and everything after it against the prefix.
+    Prefix,
+    /// Later steps forward only the block, updating its cache rows in place.
+    Dual,
+}
+
+/// Dream's confidence algorithms (`alg` of its sampler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DreamAlg {
+    MaskgitPlus,
+    Entropy,
+    TopkMargin,
+    ConfidenceThreshold,
+}
+
+impl DreamAlg {
+    pub fn parse(name: &str) -> Result<DreamAlg> {
+        Ok(match name {
+            "maskgit_plus" => DreamAlg::MaskgitPlus,
+            "entropy" => DreamAlg::Entropy,
+            "topk_margin" => DreamAlg::TopkMargin,
+            "confidence_threshold" => DreamAlg::ConfidenceThreshold,
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown alg {other:?}: expected maskgit_plus, entropy, topk_margin or confidence_threshold"
+                )))
+            }
+        })
+    }
+}
+
+/// One request's decoding configuration. `Default` is the fast setting:
+/// 256 tokens in blocks of 32, DualCache, threshold 0.9.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOptions {
+    pub gen_length: usize,
+    pub block_length: usize,
+    /// Total steps; each block gets `steps / (gen_length / block_length)`.
+    pub steps: usize,
+    pub cache: CacheMode,
+    /// Confidence-aware parallel decoding (DESIGN §3.1).
+    pub threshold: Option<f64>,
+    /// Factor rule (DESIGN §3.1); excludes `threshold`.
+    pub factor: Option<f64>,
+    /// Suffix pruning: positions kept after the block (DESIGN §3.4).
+    pub suffix_window: Option<usize>,
+    /// Positions kept at the end of the sequence when pruning.
+    pub suffix_tail: usize,
+    /// Dynamic threshold strength (DESIGN §3.5); 0 keeps the threshold fixed.
+    pub confidence_alpha: f64,
+    /// Stop at the first completed block holding EOS (DESIGN §3.6).
+    pub early_exit: bool,
+    /// Dream's confidence algorithm; defaults to `confidence_threshold` with
+    /// a threshold and `entropy` without.
+    pub alg: Option<DreamAlg>,
+    pub mask_id: Option<u32>,
+    pub eos_id: Option<u32>,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            gen_length: 256,
+            block_length: 32,
+            steps: 256,
+            cache: CacheMode::Dual,
+            threshold: Some(0.9),
+            factor: None,
+            suffix_window: None,
+            suffix_tail: 1,
+            confidence_alpha: 0.0,
+            early_exit: false,
+            alg: None,
+            mask_id: None,
+            eos_id: None,
+        }
+    }
+}
+
+/// Dream's `eps`: the end of its time grid.
+const DREAM_EPS: f32 = 1e-3;
+
+/// What a confidence is read from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Score {
+    Probability,
+    NegEntropy,
+    Margin,
+}
+
+impl Score {
+    fn of(self, stats: &TokenStats) -> f64 {
+        match self {
+            Score::Probability => stats.prob,
+            Score::NegEntropy => stats.neg_entropy,
+            Score::Margin => stats.margin,
+        }
+    }
+}
+
+/// A request's options resolved against the model.
+#[derive(Debug, Clone)]
+struct Plan {
+    gen_length: usize,
+    block_length: usize,
+    steps_per_block: usize,
+    cache: CacheMode,
+    rule: Rule,
+    score: Score,
+    window: Option<usize>,
+    tail: usize,
+    early_exit: bool,
+    mask_id: u32,
+    eos_id: u32,
+    /// Dream reads position i's prediction from output i - 1.
+    shifted_logits: bool,
+    /// Dream's cached sampler commits just the block's first position at the
+    /// block's first step.
+    first_step_commits_first_position: bool,
+}
+
+impl Plan {
+    fn new(options: &DecodeOptions, config: &ModelConfig, prompt_len: usize) -> Result<Plan> {
+        let o = options;
+        let invalid = |m: String| Err(Error::invalid(m));
+        if prompt_len == 0 {
+            return invalid("the prompt is empty".into());
+        }
+        if o.gen_length == 0 || o.block_length == 0 {
+            return invalid("gen_length and block_length must be positive".into());
+        }
+        if o.gen_length % o.block_length != 0 {
+            return invalid(format!(
+                "gen_length {} is not a multiple of block_length {}",
+                o.gen_length, o.block_length
+            ));
+        }
+        let blocks = o.gen_length / o.block_length;
+        if o.steps == 0 || o.steps % blocks != 0 {
+            return invalid(format!(
+                "steps {} is not a positive multiple of the number of blocks {blocks} (gen_length / block_length)",
+                o.steps
+            ));
+        }
+        let total = prompt_len + o.gen_length;
+        if total > config.max_seq_len {
+            return invalid(format!(
+                "prompt ({prompt_len} tokens) plus gen_length ({}) is {total}, longer than the model's maximum sequence length {}",
+                o.gen_length, config.max_seq_len
+            ));
+        }
+        if o.threshold.is_some() && o.factor.is_some() {
+            return invalid("threshold and factor are two different transfer rules: give one".into());
+        }
+        for (name, value) in [("threshold", o.threshold), ("factor", o.factor)] {
+            if let Some(v) = value {
+                if !(v.is_finite() && v > 0.0) {
+                    return invalid(format!("{name} must be a positive number, got {v}"));
+                }
+            }
+        }
+        if !(0.0..=1.0).contains(&o.confidence_alpha) {
+            return invalid(format!("confidence_alpha must be in [0, 1], got {}", o.confidence_alpha));
+        }
+        if o.confidence_alpha > 0.0 && o.threshold.is_none() {
+            return invalid("confidence_alpha relaxes the threshold: it needs a threshold".into());
+        }
+        if o.suffix_window.is_none() && o.suffix_tail != 1 {
+            return invalid("suffix_tail only applies with a suffix window".into());
+        }
+        let mask_id = o.mask_id.or(config.mask_id).ok_or_else(|| {
+            Error::invalid("the model config has no mask_token_id: pass a mask id")
+        })?;
+        let eos_id = o
+            .eos_id
+            .or(config.eos_id)
+            .ok_or_else(|| Error::invalid("the model config has no eos_token_id: pass an eos id"))?;
+        for (name, id) in [("mask", mask_id), ("eos", eos_id)] {
+            if id as usize >= config.vocab_size {
+                return invalid(format!(
+                    "{name} id {id} is outside the vocabulary of {} entries",
+                    config.vocab_size
+                ));
+            }
+        }
+        let steps_per_block = o.steps / blocks;
+        let dream = config.family == Family::Dream;
+        let (rule, score) = if dream {
+            let alg = o.alg.unwrap_or(if o.threshold.is_some() {
+                DreamAlg::ConfidenceThreshold
+            } else {
+                DreamAlg::Entropy
+            });
+            let score = match alg {
+                DreamAlg::MaskgitPlus | DreamAlg::ConfidenceThreshold => Score::Probability,
+                DreamAlg::Entropy => Score::NegEntropy,
+                DreamAlg::TopkMargin => Score::Margin,
+            };
+            let rule = match (alg, o.threshold, o.factor) {
+                (DreamAlg::ConfidenceThreshold, None, _) => {
+                    return invalid("alg confidence_threshold needs a threshold".into())
+                }
+                (DreamAlg::ConfidenceThreshold, Some(tau), _) if o.cache == CacheMode::None => {
+                    Rule::CarryThreshold(tau)
+                }
+                (DreamAlg::ConfidenceThreshold, Some(tau), _) => Rule::Threshold {
+                    tau,
+                    alpha: o.confidence_alpha,
+                },
+                (_, Some(_), _) => {
+                    return invalid(format!(
+                        "a threshold goes with alg confidence_threshold, not {alg:?}"
+                    ))
+                }
+                (_, None, Some(f)) => Rule::Factor(f),
+                (_, None, None) => Rule::Timestep { eps: DREAM_EPS },
+            };
+            (rule, score)
+        } else {
+            if o.alg.is_some() {
+                return invalid("--alg selects one of Dream's samplers; this is a LLaDA model".into());
+            }
+            let rule = match (o.threshold, o.factor) {
+                (Some(tau), _) => Rule::Threshold {
+                    tau,
+                    alpha: o.confidence_alpha,
+                },
+                (None, Some(f)) => Rule::Factor(f),
+                (None, None) => Rule::Schedule,
+            };
+            (rule, Score::Probability)
+        };
+        Ok(Plan {
+            gen_length: o.gen_length,
+            block_length: o.block_length,
+            steps_per_block,
+            cache: o.cache,
+            rule,
+            score,
+            window: o.suffix_window,
+            tail: o.suffix_tail,
+            early_exit: o.early_exit,
+            mask_id,
+            eos_id,
+            shifted_logits: dream,
+            first_step_commits_first_position: dream && o.cache != CacheMode::None,
+        })
+    }
+}
+
+/// The result of one request.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The `gen_length` generated ids.
+    pub tokens: Vec<u32>,
+    /// Forward passes run.
+    pub nfe: usize,
+    /// Wall time of the first forward pass, which encodes the prompt.
+    pub prompt_time: Duration,
+    /// Wall time of everything after it.
+    pub decode_time: Duration,
+    /// Generated tokens other than EOS (DESIGN §4 counts only these).
+    pub non_eos_tokens: usize,
+}
+
+impl Generation {
+    pub fn total_time(&self) -> Duration {
+        self.prompt_time + self.decode_time
+    }
+
+    /// Non-EOS tokens per second of the whole request (DESIGN §4).
+    pub fn tokens_per_second(&self) -> f64 {
+        self.non_eos_tokens as f64 / self.total_time().as_secs_f64().max(1e-12)
+    }
+}
+
+/// Decodes `gen_length` tokens after `prompt`. `on_block` receives each
+/// block's tokens as it completes.
+pub fn generate(
+    backend: &mut dyn Backend,
+    config: &ModelConfig,
+    prompt: &[u32],
+    options: &DecodeOptions,
+    on_block: &mut dyn FnMut(&[u32]),
+) -> Result<Generation> {
+    let plan = Plan::new(options, config, prompt.len())?;
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
+        return Err(Error::invalid(format!(
+            "prompt token id {bad} is outside the vocabulary of {} entries",
+            config.vocab_size
+        )));
+    }
+    let len = prompt.len() + plan.gen_length;
+    let mut x: Vec<u32> = prompt.to_vec();
+    x.resize(len, plan.mask_id);
+    backend.prepare(len)?;
+
+    let start = Instant::now();
+    let mut first_forward: Option<Duration> = None;
+    let mut nfe = 0;
+    let mut tokens_buf: Vec<u32> = Vec::with_capacity(len);
+    let blocks = plan.gen_length / plan.block_length;
+    for block in 0..blocks {
+        let bs = prompt.len() + block * plan.block_length;
+        let be = bs + plan.block_length;
+        let kept = layout::kept_positions(be, len, plan.window, plan.tail);
+        let block_masks = x[bs..be].iter().filter(|&&t| t == plan.mask_id).count();
+        let mut rule = BlockRule::new(plan.rule, block_masks, plan.steps_per_block);
+        let mut step = 0;
+        loop {
+            let masked: Vec<usize> = (bs..be).filter(|&p| x[p] == plan.mask_id).collect();
+            if masked.is_empty() {
+                break;
+            }
+            // Queries: all kept slots at a block's first step or without a
+            // cache; afterwards the block (DualCache) or the block and what
+            // follows it (prefix cache).
+            let (q0, q1) = match (step, plan.cache) {
+                (0, _) | (_, CacheMode::None) => (0, kept.len()),
+                (_, CacheMode::Prefix) => (bs, kept.len()),
+                (_, CacheMode::Dual) => (bs, be),
+            };
+            let row_of = |p: usize| {
+                let q = p - q0;
+                if plan.shifted_logits {
+                    q.saturating_sub(1)
+                } else {
+                    q
+                }
+            };
+            let rows = row_of(bs)..row_of(be - 1) + 1;
+            let positions = &kept[q0..q1];
+            tokens_buf.clear();
+            tokens_buf.extend(positions.iter().map(|&p| x[p as usize]));
+            let pass = ForwardPass {
+                tokens: &tokens_buf,
+                positions,
+                write_slot: q0,
+                attend_len: kept.len(),
+                rows: rows.clone(),
+            };
+            let stats = backend.token_stats(&pass)?;
+            nfe += 1;
+            first_forward.get_or_insert_with(|| start.elapsed());
+
+            let mut candidates: Vec<Candidate> = masked
+                .iter()
+                .map(|&p| {
+                    let s = &stats[row_of(p) - rows.start];
+                    Candidate {
+                        position: p,
+                        token: s.token,
+                        confidence: plan.score.of(s),
+                    }
+                })
+                .collect();
+            let commit = if step == 0 && plan.first_step_commits_first_position {
+                candidates.retain(|c| c.position == bs);
+                candidates.len()
+            } else {
+                let seen = &kept[bs..];
+                let masked_seen = seen.iter().filter(|&&p| x[p as usize] == plan.mask_id).count();
+                let ratio = masked_seen as f64 / seen.len() as f64;
+                rule.select(step, &mut candidates, ratio)
+            };
+            for c in &candidates[..commit] {
+                x[c.position] = c.token;
+            }
+            step += 1;
+        }
+        on_block(&x[bs..be]);
+        if plan.early_exit && x[bs..be].contains(&plan.eos_id) {
+            x[be..].fill(plan.eos_id);
+            break;
+        }
+    }
+    let total = start.elapsed();
+    let prompt_time = first_forward.unwrap_or_default();
+    let tokens = x[prompt.len()..].to_vec();
+    Ok(Generation {
+        non_eos_tokens: tokens.iter().filter(|&&t| t != plan.eos_id).count(),
+        tokens,
+        nfe,
+        prompt_time,
+        decode_time: total - prompt_time,
+    })
+}

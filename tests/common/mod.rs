@@ -1,0 +1,82 @@
+//! Shared helpers for the integration tests: the golden vectors copied from
+//! ../shared/golden into tests/data/golden.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use dllm::{CacheMode, DecodeOptions, DreamAlg};
+use serde_json::Value;
+
+pub fn golden_dir(model: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden").join(model)
+}
+
+pub fn cases(model: &str) -> Value {
+    let text = std::fs::read_to_string(golden_dir(model).join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A little-endian float32 `.npy` file: (shape, data).
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(header.contains("'descr': '<f4'"), "{header}");
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data: Vec<f32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    (shape, data)
+}
+
+/// The runtime's options for a golden case (see tests/data/golden/README.md).
+pub fn options_for(case: &Value) -> DecodeOptions {
+    let strategy = case["strategy"].as_str().unwrap();
+    let args = &case["args"];
+    let get = |k: &str| args.get(k).and_then(Value::as_f64);
+    let gen_length = get("gen_length").unwrap() as usize;
+    let cache = match strategy {
+        "baseline" | "baseline_threshold" | "baseline_factor" | "dream_baseline" => CacheMode::None,
+        "prefix" | "prefix_threshold" | "streaming" | "dream_prefix" => CacheMode::Prefix,
+        "dual" | "dual_threshold" | "dream_dual" => CacheMode::Dual,
+        other => panic!("unknown golden strategy {other}"),
+    };
+    let streaming = strategy == "streaming";
+    DecodeOptions {
+        gen_length,
+        block_length: get("block_length").map_or(gen_length, |b| b as usize),
+        steps: get("steps").unwrap() as usize,
+        cache,
+        threshold: get("threshold"),
+        factor: get("factor"),
+        suffix_window: get("window_size").map(|w| w as usize),
+        suffix_tail: 1,
+        confidence_alpha: get("confidence_alpha").unwrap_or(0.0),
+        early_exit: streaming,
+        alg: args
+            .get("alg")
+            .and_then(Value::as_str)
+            .map(|a| DreamAlg::parse(a).unwrap()),
+        mask_id: None,
+        eos_id: get("eos_id").map(|e| e as u32),
+    }
+}
