@@ -84,7 +84,7 @@ impl Engine {
     }
 
     fn tokenizer(&self) -> Result<&crate::tokenizer::TextTokenizer> {
-        self.model.tokenizer.as_ref().ok_or_else(|| {
+        self.model.tokenizer.as_deref().ok_or_else(|| {
             Error::Tokenizer(format!(
                 "{} has no tokenizer.json: pass token ids instead of text",
                 self.model.dir.display()

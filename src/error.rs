@@ -1,6 +1,7 @@
 //! The crate's error type. Every failure a user can cause (bad files, bad
 //! options, a device that cannot run the request) ends up here with a message
-//! that names the problem, so the binary can print it and exit non-zero.
+//! that names the problem, so the binary can print it and exit non-zero. Underlying I/O and JSON
+//! errors are kept as `source()`, not repeated in the message.
 
 use std::path::PathBuf;
 
@@ -8,12 +9,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("malformed JSON in {path}: {source}")]
+    #[error("malformed JSON in {path}")]
     Json {
         path: PathBuf,
         source: serde_json::Error,

@@ -2,6 +2,7 @@
 //! template, with the two families' tensor names mapped onto one layout.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::{Checkpoint, TensorView};
@@ -15,7 +16,7 @@ pub struct Model {
     pub dir: PathBuf,
     pub config: ModelConfig,
     pub checkpoint: Checkpoint,
-    pub tokenizer: Option<TextTokenizer>,
+    pub tokenizer: Option<Arc<TextTokenizer>>,
     pub chat_template: Option<ChatTemplate>,
 }
 
@@ -57,7 +58,7 @@ impl Model {
         let checkpoint = Checkpoint::open(dir)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
-            Some(TextTokenizer::load(&tokenizer_path)?)
+            Some(Arc::new(TextTokenizer::load(&tokenizer_path)?))
         } else {
             None
         };

@@ -1,0 +1,64 @@
+//! Command-line front end: argument definitions and dispatch.
+
+mod generate;
+mod info;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "dllm", version, about = "A fast runtime for diffusion language models")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with a model.
+    Generate(generate::GenerateArgs),
+    /// Print a model's architecture, parameter count, dtypes and memory needs.
+    Info {
+        #[command(flatten)]
+        model: ModelArg,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Info { model } => info::run(&model.resolve()),
+    }
+}
+
+/// The model directory, defaulting to the small model shipped in the repository.
+#[derive(clap::Args)]
+struct ModelArg {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn resolve(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-arith")))
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl From<DeviceArg> for dllm::Device {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Cpu => dllm::Device::Cpu,
+            DeviceArg::Cuda => dllm::Device::Cuda,
+        }
+    }
+}
