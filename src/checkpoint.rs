@@ -50,8 +50,25 @@ struct Entry {
 }
 
 pub struct Checkpoint {
-    files: Vec<Mmap>,
+    files: Vec<Storage>,
     tensors: HashMap<String, Entry>,
+}
+
+/// The bytes behind a checkpoint: a mapped file, or memory (synthetic models).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(map) => map,
+            Storage::Owned(bytes) => bytes,
+        }
+    }
 }
 
 /// A borrowed tensor of a checkpoint.
@@ -124,8 +141,28 @@ impl Checkpoint {
                 return Err(invalid(format!("tensor {name} appears in more than one shard")));
             }
         }
-        self.files.push(map);
+        self.files.push(Storage::Mapped(map));
         Ok(())
+    }
+
+    /// A checkpoint held in memory: `(name, dtype, shape, little-endian bytes)`.
+    pub fn from_tensors(tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>) -> Checkpoint {
+        let mut checkpoint = Checkpoint {
+            files: Vec::with_capacity(tensors.len()),
+            tensors: HashMap::with_capacity(tensors.len()),
+        };
+        for (name, dtype, shape, bytes) in tensors {
+            assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size(), "{name}");
+            let entry = Entry {
+                file: checkpoint.files.len(),
+                dtype,
+                shape,
+                bytes: 0..bytes.len(),
+            };
+            checkpoint.files.push(Storage::Owned(bytes));
+            checkpoint.tensors.insert(name, entry);
+        }
+        checkpoint
     }
 
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {

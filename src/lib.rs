@@ -50,6 +50,7 @@ mod engine;
 pub mod error;
 pub mod model;
 mod progress;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use backend::{Backend, ForwardPass, TokenStats};

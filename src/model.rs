@@ -87,38 +87,55 @@ impl Model {
     /// Every weight, shape-checked against the config.
     pub fn tensors(&self) -> Result<ModelTensors<'_>> {
         let c = &self.config;
-        let (d, kv, f, v) = (c.d_model, c.kv_dim(), c.ffn_hidden, c.vocab_size);
+        let layout = Layout(c);
         let ck = &self.checkpoint;
-        let names = Names(c.family);
         let layers = (0..c.n_layers)
             .map(|i| {
-                let t = |part: Part, shape: &[usize]| ck.tensor_shaped(&names.layer(i, part), shape);
+                let t = |part: Part| ck.tensor_shaped(&layout.name(i, part), &layout.shape(part));
                 Ok(LayerTensors {
-                    attn_norm: t(Part::AttnNorm, &[d])?,
-                    q: t(Part::Q, &[d, d])?,
-                    k: t(Part::K, &[kv, d])?,
-                    v: t(Part::V, &[kv, d])?,
+                    attn_norm: t(Part::AttnNorm)?,
+                    q: t(Part::Q)?,
+                    k: t(Part::K)?,
+                    v: t(Part::V)?,
                     qkv_bias: if c.qkv_bias {
-                        Some([t(Part::QBias, &[d])?, t(Part::KBias, &[kv])?, t(Part::VBias, &[kv])?])
+                        Some([t(Part::QBias)?, t(Part::KBias)?, t(Part::VBias)?])
                     } else {
                         None
                     },
-                    o: t(Part::O, &[d, d])?,
-                    ffn_norm: t(Part::FfnNorm, &[d])?,
-                    gate: t(Part::Gate, &[f, d])?,
-                    up: t(Part::Up, &[f, d])?,
-                    down: t(Part::Down, &[d, f])?,
+                    o: t(Part::O)?,
+                    ffn_norm: t(Part::FfnNorm)?,
+                    gate: t(Part::Gate)?,
+                    up: t(Part::Up)?,
+                    down: t(Part::Down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (embed, final_norm, head) = names.globals();
+        let [embed, final_norm, head] = layout.globals().map(|(name, shape)| ck.tensor_shaped(name, &shape));
         Ok(ModelTensors {
-            embed: ck.tensor_shaped(embed, &[v, d])?,
+            embed: embed?,
             layers,
-            final_norm: ck.tensor_shaped(final_norm, &[d])?,
-            head: ck.tensor_shaped(head, &[v, d])?,
+            final_norm: final_norm?,
+            head: head?,
         })
     }
+}
+
+/// Name and shape of every tensor a checkpoint of `config` holds.
+pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let layout = Layout(config);
+    let mut all: Vec<(String, Vec<usize>)> = layout
+        .globals()
+        .into_iter()
+        .map(|(name, shape)| (name.to_string(), shape))
+        .collect();
+    for i in 0..config.n_layers {
+        for part in Part::ALL {
+            if config.qkv_bias || !part.is_bias() {
+                all.push((layout.name(i, part), layout.shape(part)));
+            }
+        }
+    }
+    all
 }
 
 #[derive(Clone, Copy)]
@@ -137,12 +154,46 @@ enum Part {
     Down,
 }
 
-/// Checkpoint tensor names of a family (DESIGN §1).
-struct Names(Family);
+impl Part {
+    const ALL: [Part; 12] = [
+        Part::AttnNorm,
+        Part::Q,
+        Part::K,
+        Part::V,
+        Part::QBias,
+        Part::KBias,
+        Part::VBias,
+        Part::O,
+        Part::FfnNorm,
+        Part::Gate,
+        Part::Up,
+        Part::Down,
+    ];
 
-impl Names {
-    fn layer(&self, i: usize, part: Part) -> String {
-        match self.0 {
+    fn is_bias(self) -> bool {
+        matches!(self, Part::QBias | Part::KBias | Part::VBias)
+    }
+}
+
+/// Checkpoint tensor names and shapes of a family (DESIGN §1).
+struct Layout<'a>(&'a ModelConfig);
+
+impl Layout<'_> {
+    fn shape(&self, part: Part) -> Vec<usize> {
+        let c = self.0;
+        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        match part {
+            Part::AttnNorm | Part::FfnNorm | Part::QBias => vec![d],
+            Part::KBias | Part::VBias => vec![kv],
+            Part::Q | Part::O => vec![d, d],
+            Part::K | Part::V => vec![kv, d],
+            Part::Gate | Part::Up => vec![f, d],
+            Part::Down => vec![d, f],
+        }
+    }
+
+    fn name(&self, i: usize, part: Part) -> String {
+        match self.0.family {
             Family::Llada => {
                 let leaf = match part {
                     Part::AttnNorm => "attn_norm",
@@ -178,14 +229,17 @@ impl Names {
         }
     }
 
-    fn globals(&self) -> (&'static str, &'static str, &'static str) {
-        match self.0 {
-            Family::Llada => (
+    /// Embedding, final norm and output head.
+    fn globals(&self) -> [(&'static str, Vec<usize>); 3] {
+        let (v, d) = (self.0.vocab_size, self.0.d_model);
+        let [embed, norm, head] = match self.0.family {
+            Family::Llada => [
                 "model.transformer.wte.weight",
                 "model.transformer.ln_f.weight",
                 "model.transformer.ff_out.weight",
-            ),
-            Family::Dream => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
-        }
+            ],
+            Family::Dream => ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"],
+        };
+        [(embed, vec![v, d]), (norm, vec![d]), (head, vec![v, d])]
     }
 }

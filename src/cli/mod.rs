@@ -1,5 +1,6 @@
 //! Command-line front end: argument definitions and dispatch.
 
+mod bench;
 mod generate;
 mod info;
 
@@ -18,6 +19,8 @@ pub struct Cli {
 enum Command {
     /// Generate text with a model.
     Generate(generate::GenerateArgs),
+    /// Time every cache strategy end to end on one model and prompt.
+    Bench(bench::BenchArgs),
     /// Print a model's architecture, parameter count, dtypes and memory needs.
     Info {
         #[command(flatten)]
@@ -28,6 +31,7 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Info { model } => info::run(&model.resolve()),
     }
 }

@@ -1,0 +1,162 @@
+//! Synthetic models: random bf16 weights in a real checkpoint layout, made in
+//! memory, so benchmarks run at real shapes with nothing downloaded.
+
+use std::path::PathBuf;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::checkpoint::{Checkpoint, Dtype};
+use crate::config::{Family, ModelConfig};
+use crate::error::{Error, Result};
+use crate::model::{expected_tensors, Model};
+
+/// Named shapes for benchmarks.
+pub const PRESETS: [&str; 3] = ["small", "llada-8b", "dream-7b"];
+
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    let base = ModelConfig {
+        family: Family::Llada,
+        d_model: 1024,
+        n_layers: 8,
+        n_heads: 16,
+        n_kv_heads: 16,
+        head_dim: 64,
+        ffn_hidden: 3072,
+        vocab_size: 32768,
+        rope_theta: 500000.0,
+        rms_eps: 1e-5,
+        max_seq_len: 4096,
+        qkv_bias: false,
+        mask_id: Some(32000),
+        eos_id: Some(32001),
+    };
+    Ok(match name {
+        // d_model 1024, 8 layers: the CPU benchmark model of the README.
+        "small" => base,
+        "llada-8b" => ModelConfig {
+            d_model: 4096,
+            n_layers: 32,
+            n_heads: 32,
+            n_kv_heads: 32,
+            head_dim: 128,
+            ffn_hidden: 12288,
+            vocab_size: 126464,
+            mask_id: Some(126336),
+            eos_id: Some(126081),
+            ..base
+        },
+        "dream-7b" => ModelConfig {
+            family: Family::Dream,
+            d_model: 3584,
+            n_layers: 28,
+            n_heads: 28,
+            n_kv_heads: 4,
+            head_dim: 128,
+            ffn_hidden: 18944,
+            vocab_size: 152064,
+            rope_theta: 1e6,
+            rms_eps: 1e-6,
+            qkv_bias: true,
+            mask_id: Some(151666),
+            eos_id: Some(151643),
+            ..base
+        },
+        other => {
+            return Err(Error::invalid(format!(
+                "unknown synthetic model {other:?}: expected one of {}",
+                PRESETS.join(", ")
+            )))
+        }
+    })
+}
+
+/// A model of `config`'s shapes with seeded random weights: norms are one,
+/// matrices uniform with variance 1/fan_in so activations keep their scale.
+pub fn model(config: ModelConfig, seed: u64) -> Model {
+    let tensors = expected_tensors(&config)
+        .into_iter()
+        .enumerate()
+        .map(|(index, (name, shape))| {
+            let bytes = if shape.len() == 1 && !name.ends_with(".bias") {
+                bytemuck::cast_slice(&vec![bf16::ONE; shape[0]]).to_vec()
+            } else {
+                let fan_in = *shape.last().unwrap() as f32;
+                let bound = (3.0 / fan_in).sqrt();
+                random_bf16(shape.iter().product(), bound, seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            };
+            (name, Dtype::BF16, shape, bytes)
+        })
+        .collect();
+    Model {
+        dir: PathBuf::from("<synthetic>"),
+        config,
+        checkpoint: Checkpoint::from_tensors(tensors),
+        tokenizer: None,
+        chat_template: None,
+    }
+}
+
+/// Uniform values in [-bound, bound) from SplitMix64, one stream per chunk so
+/// the result does not depend on the thread count.
+fn random_bf16(len: usize, bound: f32, seed: u64) -> Vec<u8> {
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![bf16::ZERO; len];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, values)| {
+        let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for v in values {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+            *v = bf16::from_f32((2.0 * unit - 1.0) * bound);
+        }
+    });
+    bytemuck::cast_slice(&out).to_vec()
+}
+
+/// Seeded random prompt ids below the special tokens.
+pub fn random_prompt(len: usize, config: &ModelConfig, seed: u64) -> Vec<u32> {
+    let limit = config.mask_id.unwrap_or(config.vocab_size as u32).min(config.vocab_size as u32);
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % limit as u64) as u32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_model_has_every_tensor_of_its_layout() {
+        for name in PRESETS {
+            let mut config = preset(name).unwrap();
+            // Keep the test small: same layout, tiny sizes.
+            config.n_layers = 2;
+            config.d_model = config.n_heads * 4;
+            config.head_dim = 4;
+            config.ffn_hidden = 16;
+            config.vocab_size = 64;
+            config.mask_id = Some(60);
+            let model = model(config, 7);
+            let tensors = model.tensors().unwrap();
+            let q = tensors.layers[0].q.to_f32();
+            assert!(q.iter().any(|&v| v != 0.0) && q.iter().all(|v| v.abs() <= 0.5));
+        }
+        assert!(preset("gpt2").is_err());
+    }
+
+    #[test]
+    fn random_prompt_stays_below_the_mask_id() {
+        let config = preset("small").unwrap();
+        let prompt = random_prompt(1000, &config, 1);
+        assert!(prompt.iter().all(|&t| t < 32000));
+        assert_ne!(prompt[0], prompt[1]);
+    }
+}
