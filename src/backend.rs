@@ -119,6 +119,9 @@ pub trait Backend {
     fn token_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
         let logits = self.logits(pass)?;
         let vocab = logits.len() / pass.rows.len().max(1);
-        Ok(logits.chunks_exact(vocab).map(TokenStats::from_logits).collect())
+        Ok(logits
+            .chunks_exact(vocab)
+            .map(TokenStats::from_logits)
+            .collect())
     }
 }

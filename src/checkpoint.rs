@@ -138,7 +138,9 @@ impl Checkpoint {
                 bytes: start..start + view.data().len(),
             };
             if self.tensors.insert(name.clone(), entry).is_some() {
-                return Err(invalid(format!("tensor {name} appears in more than one shard")));
+                return Err(invalid(format!(
+                    "tensor {name} appears in more than one shard"
+                )));
             }
         }
         self.files.push(Storage::Mapped(map));
@@ -152,7 +154,11 @@ impl Checkpoint {
             tensors: HashMap::with_capacity(tensors.len()),
         };
         for (name, dtype, shape, bytes) in tensors {
-            assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size(), "{name}");
+            assert_eq!(
+                bytes.len(),
+                shape.iter().product::<usize>() * dtype.size(),
+                "{name}"
+            );
             let entry = Entry {
                 file: checkpoint.files.len(),
                 dtype,

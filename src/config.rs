@@ -78,10 +78,14 @@ impl ModelConfig {
                     }
                 }
                 if fields.flag("weight_tying") {
-                    return Err(ConfigError::Invalid("weight_tying true is not supported".into()));
+                    return Err(ConfigError::Invalid(
+                        "weight_tying true is not supported".into(),
+                    ));
                 }
                 if fields.flag("include_bias") || fields.flag("include_qkv_bias") {
-                    return Err(ConfigError::Invalid("biases are not supported for llada".into()));
+                    return Err(ConfigError::Invalid(
+                        "biases are not supported for llada".into(),
+                    ));
                 }
                 let d_model = fields.usize("d_model")?;
                 let n_heads = fields.usize("n_heads")?;
@@ -200,10 +204,11 @@ impl Fields<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| ConfigError::Invalid(format!("field {key:?} must be a non-negative integer, got {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "field {key:?} must be a non-negative integer, got {v}"
+                ))
+            }),
         }
     }
 
@@ -224,10 +229,9 @@ impl Fields<'_> {
     fn opt_f32(&self, key: &str) -> Result<Option<f32>, ConfigError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| ConfigError::Invalid(format!("field {key:?} must be a number, got {v}"))),
+            Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| {
+                ConfigError::Invalid(format!("field {key:?} must be a number, got {v}"))
+            }),
         }
     }
 

@@ -52,7 +52,13 @@ impl Engine {
         options: &DecodeOptions,
         on_block: &mut dyn FnMut(&[u32]),
     ) -> Result<Generation> {
-        decode::generate(self.backend.as_mut(), &self.model.config, prompt, options, on_block)
+        decode::generate(
+            self.backend.as_mut(),
+            &self.model.config,
+            prompt,
+            options,
+            on_block,
+        )
     }
 
     /// Token ids of `text`, wrapped as a single user turn of the model's chat

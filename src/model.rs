@@ -110,7 +110,9 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let [embed, final_norm, head] = layout.globals().map(|(name, shape)| ck.tensor_shaped(name, &shape));
+        let [embed, final_norm, head] = layout
+            .globals()
+            .map(|(name, shape)| ck.tensor_shaped(name, &shape));
         Ok(ModelTensors {
             embed: embed?,
             layers,
@@ -238,7 +240,11 @@ impl Layout<'_> {
                 "model.transformer.ln_f.weight",
                 "model.transformer.ff_out.weight",
             ],
-            Family::Dream => ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"],
+            Family::Dream => [
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            ],
         };
         [(embed, vec![v, d]), (norm, vec![d]), (head, vec![v, d])]
     }

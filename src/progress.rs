@@ -13,9 +13,9 @@ impl Progress {
             return Progress(None);
         }
         let bar = ProgressBar::new(total).with_message(message);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})",
-        ) {
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         Progress(Some(bar))

@@ -83,7 +83,11 @@ pub fn model(config: ModelConfig, seed: u64) -> Model {
             } else {
                 let fan_in = *shape.last().unwrap() as f32;
                 let bound = (3.0 / fan_in).sqrt();
-                random_bf16(shape.iter().product(), bound, seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                random_bf16(
+                    shape.iter().product(),
+                    bound,
+                    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                )
             };
             (name, Dtype::BF16, shape, bytes)
         })
@@ -102,28 +106,35 @@ pub fn model(config: ModelConfig, seed: u64) -> Model {
 fn random_bf16(len: usize, bound: f32, seed: u64) -> Vec<u8> {
     const CHUNK: usize = 1 << 16;
     let mut out = vec![bf16::ZERO; len];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, values)| {
-        let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        for v in values {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
-            *v = bf16::from_f32((2.0 * unit - 1.0) * bound);
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, values)| {
+            let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            for v in values {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+                *v = bf16::from_f32((2.0 * unit - 1.0) * bound);
+            }
+        });
     bytemuck::cast_slice(&out).to_vec()
 }
 
 /// Seeded random prompt ids below the special tokens.
 pub fn random_prompt(len: usize, config: &ModelConfig, seed: u64) -> Vec<u32> {
-    let limit = config.mask_id.unwrap_or(config.vocab_size as u32).min(config.vocab_size as u32);
+    let limit = config
+        .mask_id
+        .unwrap_or(config.vocab_size as u32)
+        .min(config.vocab_size as u32);
     let mut state = seed;
     (0..len)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % limit as u64) as u32
         })
         .collect()

@@ -44,7 +44,11 @@ fn check_forward_logits(model_name: &str, dir: &Path) {
         let got = full_logits(&mut backend, &tokens, &positions);
         let (_, want) = read_npy(&golden_dir(model_name).join(forward["logits"].as_str().unwrap()));
         let err = relative_error(&got, &want);
-        assert!(err < 1e-4, "{model_name} {:?}: relative error {err}", forward["logits"]);
+        assert!(
+            err < 1e-4,
+            "{model_name} {:?}: relative error {err}",
+            forward["logits"]
+        );
 
         if let Some(pruned) = forward.get("pruned_input_ids") {
             let tokens = ids(pruned);
@@ -70,7 +74,10 @@ fn dream_forward_logits_match_the_reference() {
 
 #[test]
 fn sharded_checkpoint_gives_the_same_logits() {
-    check_forward_logits("llada_tiny_s1", &golden_dir("llada_tiny_s1").join("sharded"));
+    check_forward_logits(
+        "llada_tiny_s1",
+        &golden_dir("llada_tiny_s1").join("sharded"),
+    );
 }
 
 /// Runs every robust case (Dream's vectors mark none unrobust); returns the
@@ -78,7 +85,12 @@ fn sharded_checkpoint_gives_the_same_logits() {
 fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
     let mut engine = Engine::new(Model::open(dir).unwrap(), Device::Cpu).unwrap();
     let golden = cases(model_name);
-    let prompts: Vec<Vec<u32>> = golden["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let prompts: Vec<Vec<u32>> = golden["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
     let mut failures = Vec::new();
     let mut robust = 0;
     for case in golden["cases"].as_array().unwrap() {
@@ -100,7 +112,11 @@ fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
                 case["prompt"],
                 out.nfe,
                 want_nfe,
-                if out.tokens == want_tokens { "equal" } else { "differ" }
+                if out.tokens == want_tokens {
+                    "equal"
+                } else {
+                    "differ"
+                }
             ));
         }
     }
@@ -111,12 +127,22 @@ fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
 fn llada_cases_reproduce_tokens_and_nfe() {
     let (run, failures) = run_cases("llada_tiny_s1", &golden_dir("llada_tiny_s1"));
     assert_eq!(run, 153);
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn dream_cases_reproduce_tokens_and_nfe() {
     let (run, failures) = run_cases("dream_tiny_s1", &golden_dir("dream_tiny_s1"));
     assert_eq!(run, 72);
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -29,14 +29,22 @@ fn dual_cache_with_a_window_covering_the_suffix_is_dual_cache() {
     for model in ["llada_tiny_s1", "dream_tiny_s1"] {
         let mut engine = engine(model);
         for threshold in [None, Some(0.9), Some(0.5)] {
-            let dual = engine.generate(&PROMPT, &options(CacheMode::Dual, threshold, None)).unwrap();
+            let dual = engine
+                .generate(&PROMPT, &options(CacheMode::Dual, threshold, None))
+                .unwrap();
             // 48 = the whole suffix of the first block; longer windows too.
             for window in [48, 64, 1000] {
                 let pruned = engine
                     .generate(&PROMPT, &options(CacheMode::Dual, threshold, Some(window)))
                     .unwrap();
-                assert_eq!(pruned.tokens, dual.tokens, "{model} {threshold:?} window {window}");
-                assert_eq!(pruned.nfe, dual.nfe, "{model} {threshold:?} window {window}");
+                assert_eq!(
+                    pruned.tokens, dual.tokens,
+                    "{model} {threshold:?} window {window}"
+                );
+                assert_eq!(
+                    pruned.nfe, dual.nfe,
+                    "{model} {threshold:?} window {window}"
+                );
             }
         }
     }
@@ -45,16 +53,29 @@ fn dual_cache_with_a_window_covering_the_suffix_is_dual_cache() {
 #[test]
 fn a_short_window_changes_what_the_model_sees_but_completes_every_block() {
     let mut engine = engine("llada_tiny_s1");
-    let dual = engine.generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), None)).unwrap();
-    let pruned = engine.generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), Some(4))).unwrap();
-    assert!(!pruned.tokens.contains(&500), "masks left: {:?}", pruned.tokens);
-    assert_ne!(pruned.tokens, dual.tokens, "a 4-token window should change some prediction");
+    let dual = engine
+        .generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), None))
+        .unwrap();
+    let pruned = engine
+        .generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), Some(4)))
+        .unwrap();
+    assert!(
+        !pruned.tokens.contains(&500),
+        "masks left: {:?}",
+        pruned.tokens
+    );
+    assert_ne!(
+        pruned.tokens, dual.tokens,
+        "a 4-token window should change some prediction"
+    );
 }
 
 #[test]
 fn early_exit_at_eos_in_the_first_block_fills_the_rest_and_stops() {
     let mut engine = engine("llada_tiny_s1");
-    let plain = engine.generate(&PROMPT, &options(CacheMode::Prefix, Some(0.9), None)).unwrap();
+    let plain = engine
+        .generate(&PROMPT, &options(CacheMode::Prefix, Some(0.9), None))
+        .unwrap();
     // Declare a token the first block produces to be EOS.
     let eos = plain.tokens[3];
     let mut opts = options(CacheMode::Prefix, Some(0.9), None);
@@ -63,8 +84,16 @@ fn early_exit_at_eos_in_the_first_block_fills_the_rest_and_stops() {
     let out = engine.generate(&PROMPT, &opts).unwrap();
     assert_eq!(out.tokens[..16], plain.tokens[..16]);
     assert!(out.tokens[16..].iter().all(|&t| t == eos));
-    assert!(out.nfe < plain.nfe, "{} forwards, {} without early exit", out.nfe, plain.nfe);
-    assert_eq!(out.non_eos_tokens, plain.tokens[..16].iter().filter(|&&t| t != eos).count());
+    assert!(
+        out.nfe < plain.nfe,
+        "{} forwards, {} without early exit",
+        out.nfe,
+        plain.nfe
+    );
+    assert_eq!(
+        out.non_eos_tokens,
+        plain.tokens[..16].iter().filter(|&&t| t != eos).count()
+    );
 }
 
 #[test]
@@ -72,16 +101,24 @@ fn bf16_checkpoints_load_as_the_f32_weights_rounded() {
     for model in ["llada_tiny_s1", "dream_tiny_s1"] {
         let f32_model = Model::open(&golden_dir(model)).unwrap();
         let bf16_model = Model::open(&golden_dir(model).join("bf16")).unwrap();
-        assert_eq!(bf16_model.checkpoint.dtypes(), vec![dllm::checkpoint::Dtype::BF16]);
+        assert_eq!(
+            bf16_model.checkpoint.dtypes(),
+            vec![dllm::checkpoint::Dtype::BF16]
+        );
         let names = dllm::model::expected_tensors(&f32_model.config);
         for (name, _) in &names {
             let want = f32_model.checkpoint.tensor(name).unwrap().to_bf16();
             let got = bf16_model.checkpoint.tensor(name).unwrap().to_bf16();
-            assert!(want == got, "{model}: {name} is not the f32 tensor rounded to bf16");
+            assert!(
+                want == got,
+                "{model}: {name} is not the f32 tensor rounded to bf16"
+            );
         }
         // And it decodes: every mask is filled.
         let mut engine = Engine::new(bf16_model, Device::Cpu).unwrap();
-        let out = engine.generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), None)).unwrap();
+        let out = engine
+            .generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), None))
+            .unwrap();
         assert!(!out.tokens.contains(&500));
     }
 }

@@ -55,8 +55,14 @@ fn strategies(base: &DecodeOptions, window: usize) -> Vec<(&'static str, DecodeO
         ("baseline", with(CacheMode::None, None, false, 0.0)),
         ("prefix", with(CacheMode::Prefix, None, false, 0.0)),
         ("dual", with(CacheMode::Dual, None, false, 0.0)),
-        ("threshold-0.9", with(CacheMode::None, Some(0.9), false, 0.0)),
-        ("dual+threshold-0.9", with(CacheMode::Dual, Some(0.9), false, 0.0)),
+        (
+            "threshold-0.9",
+            with(CacheMode::None, Some(0.9), false, 0.0),
+        ),
+        (
+            "dual+threshold-0.9",
+            with(CacheMode::Dual, Some(0.9), false, 0.0),
+        ),
         ("streaming", with(CacheMode::Prefix, Some(0.9), true, 0.3)),
         ("dual+pruned", with(CacheMode::Dual, Some(0.9), true, 0.3)),
     ]

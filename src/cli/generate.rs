@@ -15,7 +15,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
     /// Prompt text (needs the model's tokenizer.json).
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     prompt: Option<String>,
     /// Wrap the prompt as a user turn of the model's chat template.
     #[arg(long, requires = "prompt")]
@@ -108,8 +112,8 @@ impl GenerateArgs {
             AlgArg::TopkMargin => DreamAlg::TopkMargin,
             AlgArg::ConfidenceThreshold => DreamAlg::ConfidenceThreshold,
         });
-        let wants_no_threshold = self.factor.is_some()
-            || matches!(alg, Some(a) if a != DreamAlg::ConfidenceThreshold);
+        let wants_no_threshold =
+            self.factor.is_some() || matches!(alg, Some(a) if a != DreamAlg::ConfidenceThreshold);
         let threshold = match self.threshold {
             Some(Threshold::At(t)) => Some(t),
             Some(Threshold::Off) => None,

@@ -12,14 +12,45 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     // Keys and values of every layer for one position, in bf16 on a GPU.
     let kv_per_position = 2 * c.n_layers * c.kv_dim() * 2;
     println!("model          {}", dir.display());
-    println!("architecture   {} ({} layers, d_model {}, {} heads / {} kv heads of {}, ffn {}, vocab {})",
-        c.family.name(), c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_hidden, c.vocab_size);
+    println!(
+        "architecture   {} ({} layers, d_model {}, {} heads / {} kv heads of {}, ffn {}, vocab {})",
+        c.family.name(),
+        c.n_layers,
+        c.d_model,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.ffn_hidden,
+        c.vocab_size
+    );
     println!("max sequence   {}", c.max_seq_len);
     println!("parameters     {params} ({})", human_count(params));
-    println!("stored dtypes  {} ({} on disk)", dtypes.join(", "), human_bytes(model.checkpoint.total_bytes()));
-    println!("special ids    mask {}, eos {}", opt(c.mask_id), opt(c.eos_id));
-    println!("tokenizer      {}", if model.tokenizer.is_some() { "tokenizer.json" } else { "none" });
-    println!("chat template  {}", if model.chat_template.is_some() { "yes" } else { "none" });
+    println!(
+        "stored dtypes  {} ({} on disk)",
+        dtypes.join(", "),
+        human_bytes(model.checkpoint.total_bytes())
+    );
+    println!(
+        "special ids    mask {}, eos {}",
+        opt(c.mask_id),
+        opt(c.eos_id)
+    );
+    println!(
+        "tokenizer      {}",
+        if model.tokenizer.is_some() {
+            "tokenizer.json"
+        } else {
+            "none"
+        }
+    );
+    println!(
+        "chat template  {}",
+        if model.chat_template.is_some() {
+            "yes"
+        } else {
+            "none"
+        }
+    );
     println!("memory, cpu    {} of f32 weights", human_bytes(params * 4));
     println!(
         "memory, cuda   {} of bf16 weights + {} of KV cache per 1k positions",

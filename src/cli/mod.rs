@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "dllm", version, about = "A fast runtime for diffusion language models")]
+#[command(
+    name = "dllm",
+    version,
+    about = "A fast runtime for diffusion language models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,9 +50,9 @@ struct ModelArg {
 
 impl ModelArg {
     fn resolve(&self) -> PathBuf {
-        self.model
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-arith")))
+        self.model.clone().unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-arith"))
+        })
     }
 }
 

@@ -61,7 +61,10 @@ impl CpuBackend {
                 q: load(&l.q),
                 k: load(&l.k),
                 v: load(&l.v),
-                qkv_bias: l.qkv_bias.as_ref().map(|b| [load(&b[0]), load(&b[1]), load(&b[2])]),
+                qkv_bias: l
+                    .qkv_bias
+                    .as_ref()
+                    .map(|b| [load(&b[0]), load(&b[1]), load(&b[2])]),
                 o: load(&l.o),
                 ffn_norm: load(&l.ffn_norm),
                 gate: load(&l.gate),
@@ -160,6 +163,12 @@ impl Backend for CpuBackend {
         let hidden = self.hidden_states(pass)?;
         let c = &self.config;
         let normed = ops::rms_norm(&hidden, &self.final_norm, c.rms_eps);
-        Ok(ops::linear(&normed, &self.head, pass.rows.len(), c.d_model, c.vocab_size))
+        Ok(ops::linear(
+            &normed,
+            &self.head,
+            pass.rows.len(),
+            c.d_model,
+            c.vocab_size,
+        ))
     }
 }

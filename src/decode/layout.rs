@@ -38,7 +38,10 @@ mod tests {
     #[test]
     fn window_and_tail_keep_true_positions() {
         assert_eq!(kept_positions(3, 12, Some(2), 1), vec![0, 1, 2, 3, 4, 11]);
-        assert_eq!(kept_positions(3, 12, Some(2), 3), vec![0, 1, 2, 3, 4, 9, 10, 11]);
+        assert_eq!(
+            kept_positions(3, 12, Some(2), 3),
+            vec![0, 1, 2, 3, 4, 9, 10, 11]
+        );
     }
 
     #[test]

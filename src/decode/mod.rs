@@ -175,7 +175,9 @@ impl Plan {
             ));
         }
         if o.threshold.is_some() && o.factor.is_some() {
-            return invalid("threshold and factor are two different transfer rules: give one".into());
+            return invalid(
+                "threshold and factor are two different transfer rules: give one".into(),
+            );
         }
         for (name, value) in [("threshold", o.threshold), ("factor", o.factor)] {
             if let Some(v) = value {
@@ -185,7 +187,10 @@ impl Plan {
             }
         }
         if !(0.0..=1.0).contains(&o.confidence_alpha) {
-            return invalid(format!("confidence_alpha must be in [0, 1], got {}", o.confidence_alpha));
+            return invalid(format!(
+                "confidence_alpha must be in [0, 1], got {}",
+                o.confidence_alpha
+            ));
         }
         if o.confidence_alpha > 0.0 && o.threshold.is_none() {
             return invalid("confidence_alpha relaxes the threshold: it needs a threshold".into());
@@ -196,10 +201,9 @@ impl Plan {
         let mask_id = o.mask_id.or(config.mask_id).ok_or_else(|| {
             Error::invalid("the model config has no mask_token_id: pass a mask id")
         })?;
-        let eos_id = o
-            .eos_id
-            .or(config.eos_id)
-            .ok_or_else(|| Error::invalid("the model config has no eos_token_id: pass an eos id"))?;
+        let eos_id = o.eos_id.or(config.eos_id).ok_or_else(|| {
+            Error::invalid("the model config has no eos_token_id: pass an eos id")
+        })?;
         for (name, id) in [("mask", mask_id), ("eos", eos_id)] {
             if id as usize >= config.vocab_size {
                 return invalid(format!(
@@ -243,7 +247,9 @@ impl Plan {
             (rule, score)
         } else {
             if o.alg.is_some() {
-                return invalid("--alg selects one of Dream's samplers; this is a LLaDA model".into());
+                return invalid(
+                    "--alg selects one of Dream's samplers; this is a LLaDA model".into(),
+                );
             }
             let rule = match (o.threshold, o.factor) {
                 (Some(tau), _) => Rule::Threshold {
@@ -384,7 +390,10 @@ pub fn generate(
                 candidates.len()
             } else {
                 let seen = &kept[bs..];
-                let masked_seen = seen.iter().filter(|&&p| x[p as usize] == plan.mask_id).count();
+                let masked_seen = seen
+                    .iter()
+                    .filter(|&&p| x[p as usize] == plan.mask_id)
+                    .count();
                 let ratio = masked_seen as f64 / seen.len() as f64;
                 rule.select(step, &mut candidates, ratio)
             };

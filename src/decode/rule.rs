@@ -48,11 +48,21 @@ impl BlockRule {
     /// Sorts `candidates` by confidence (ties: lower position first) and
     /// returns how many of the most confident to commit at `step` of the
     /// block. `masked_ratio` is r of DESIGN §3.5.
-    pub fn select(&mut self, step: usize, candidates: &mut [Candidate], masked_ratio: f64) -> usize {
+    pub fn select(
+        &mut self,
+        step: usize,
+        candidates: &mut [Candidate],
+        masked_ratio: f64,
+    ) -> usize {
         candidates.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
         let n = candidates.len();
         let steps = self.schedule.len();
-        let above = |tau: f64| candidates.iter().take_while(|c| c.confidence >= tau).count();
+        let above = |tau: f64| {
+            candidates
+                .iter()
+                .take_while(|c| c.confidence >= tau)
+                .count()
+        };
         let count = match self.rule {
             Rule::Schedule => self.schedule.get(step).copied().unwrap_or(n),
             Rule::Threshold { tau, alpha } => {
@@ -79,7 +89,10 @@ impl BlockRule {
                 let committed = if quota == 0 {
                     0
                 } else {
-                    1 + candidates[1..quota].iter().filter(|c| c.confidence >= tau).count()
+                    1 + candidates[1..quota]
+                        .iter()
+                        .filter(|c| c.confidence >= tau)
+                        .count()
                 };
                 self.carry = quota - committed;
                 committed
@@ -171,26 +184,39 @@ mod tests {
     fn one_mask_left_is_committed_by_every_rule() {
         for rule in [
             Rule::Schedule,
-            Rule::Threshold { tau: 0.99, alpha: 0.0 },
+            Rule::Threshold {
+                tau: 0.99,
+                alpha: 0.0,
+            },
             Rule::Factor(0.1),
             Rule::Timestep { eps: 1e-3 },
             Rule::CarryThreshold(0.99),
         ] {
             let mut c = candidates(&[0.05]);
-            assert_eq!(BlockRule::new(rule, 1, 1).select(0, &mut c, 1.0), 1, "{rule:?}");
+            assert_eq!(
+                BlockRule::new(rule, 1, 1).select(0, &mut c, 1.0),
+                1,
+                "{rule:?}"
+            );
         }
     }
 
     #[test]
     fn threshold_commits_the_top_one_when_all_are_below() {
-        let rule = Rule::Threshold { tau: 0.9, alpha: 0.0 };
+        let rule = Rule::Threshold {
+            tau: 0.9,
+            alpha: 0.0,
+        };
         assert_eq!(select(rule, 0, &[0.3, 0.5, 0.4], 1.0), vec![11]);
         assert_eq!(select(rule, 1, &[0.95, 0.5, 0.91], 1.0), vec![10, 12]);
     }
 
     #[test]
     fn dynamic_threshold_relaxes_after_the_first_step_only() {
-        let rule = Rule::Threshold { tau: 0.9, alpha: 0.5 };
+        let rule = Rule::Threshold {
+            tau: 0.9,
+            alpha: 0.5,
+        };
         // r = 0.5: tau' = 0.9 * (1 - 0.5 * 0.5) = 0.675.
         assert_eq!(select(rule, 1, &[0.7, 0.6, 0.95], 0.5), vec![12, 10]);
         assert_eq!(select(rule, 0, &[0.7, 0.6, 0.95], 0.5), vec![12]);
@@ -199,10 +225,22 @@ mod tests {
     #[test]
     fn factor_rule_and_its_last_element_quirk() {
         // thresholds for j = 2, 3, 4: 1 - 1/3, 1 - 1/4, 1 - 1/5 with factor 1.
-        assert_eq!(select(Rule::Factor(1.0), 0, &[0.9, 0.7, 0.5, 0.1], 1.0).len(), 2);
-        assert_eq!(select(Rule::Factor(1.0), 0, &[0.9, 0.7, 0.76, 0.1], 1.0).len(), 4);
-        assert_eq!(select(Rule::Factor(1.0), 0, &[0.9, 0.1, 0.1, 0.1], 1.0).len(), 1);
-        assert_eq!(select(Rule::Factor(1.0), 0, &[0.9, 0.95, 0.8, 0.85], 1.0).len(), 4);
+        assert_eq!(
+            select(Rule::Factor(1.0), 0, &[0.9, 0.7, 0.5, 0.1], 1.0).len(),
+            2
+        );
+        assert_eq!(
+            select(Rule::Factor(1.0), 0, &[0.9, 0.7, 0.76, 0.1], 1.0).len(),
+            4
+        );
+        assert_eq!(
+            select(Rule::Factor(1.0), 0, &[0.9, 0.1, 0.1, 0.1], 1.0).len(),
+            1
+        );
+        assert_eq!(
+            select(Rule::Factor(1.0), 0, &[0.9, 0.95, 0.8, 0.85], 1.0).len(),
+            4
+        );
     }
 
     #[test]
