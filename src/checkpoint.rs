@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, Result};
 
@@ -52,6 +52,9 @@ struct Entry {
 pub struct Checkpoint {
     files: Vec<Storage>,
     tensors: HashMap<String, Entry>,
+    /// Tensors of a dtype the runtime cannot compute with; an error only if
+    /// the model asks for one (checkpoints may carry integer buffers).
+    unsupported: HashMap<String, StDtype>,
 }
 
 /// The bytes behind a checkpoint: a mapped file, or memory (synthetic models).
@@ -101,6 +104,7 @@ impl Checkpoint {
         let mut checkpoint = Checkpoint {
             files: Vec::with_capacity(paths.len()),
             tensors: HashMap::new(),
+            unsupported: HashMap::new(),
         };
         for path in &paths {
             checkpoint.add_file(path)?;
@@ -117,7 +121,21 @@ impl Checkpoint {
             path: path.to_path_buf(),
             message,
         };
-        let parsed = SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
+        let parsed = SafeTensors::deserialize(&map).map_err(|e| {
+            invalid(match e {
+                SafeTensorError::MetadataIncompleteBuffer => {
+                    "the tensor data does not end at the end of the file: it is truncated or has trailing bytes".into()
+                }
+                SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge => format!(
+                    "the header length points past the end of the file ({} bytes): it is truncated or not a safetensors file",
+                    map.len()
+                ),
+                SafeTensorError::HeaderTooSmall => {
+                    format!("the file is {} bytes, too short for a safetensors header", map.len())
+                }
+                e => e.to_string(),
+            })
+        })?;
         let file_index = self.files.len();
         for (name, view) in parsed.tensors() {
             let dtype = match view.dtype() {
@@ -125,9 +143,8 @@ impl Checkpoint {
                 StDtype::BF16 => Dtype::BF16,
                 StDtype::F16 => Dtype::F16,
                 other => {
-                    return Err(invalid(format!(
-                        "tensor {name} has dtype {other:?}; only F32, BF16 and F16 are supported"
-                    )))
+                    self.unsupported.insert(name, other);
+                    continue;
                 }
             };
             let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
@@ -152,6 +169,7 @@ impl Checkpoint {
         let mut checkpoint = Checkpoint {
             files: Vec::with_capacity(tensors.len()),
             tensors: HashMap::with_capacity(tensors.len()),
+            unsupported: HashMap::new(),
         };
         for (name, dtype, shape, bytes) in tensors {
             assert_eq!(
@@ -172,6 +190,12 @@ impl Checkpoint {
     }
 
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        if let Some(dtype) = self.unsupported.get(name) {
+            return Err(Error::Tensor {
+                name: name.to_string(),
+                message: format!("has dtype {dtype:?}; only F32, BF16 and F16 are supported"),
+            });
+        }
         let (name, entry) = self
             .tensors
             .get_key_value(name)

@@ -49,9 +49,14 @@ impl Model {
     /// `tokenizer.json` and the chat template when they are there.
     pub fn open(dir: &Path) -> Result<Model> {
         if !dir.is_dir() {
+            let why = if dir.exists() {
+                "is not a directory (pass the folder holding config.json)"
+            } else {
+                "model directory not found"
+            };
             return Err(Error::io(
                 dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, why),
             ));
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;

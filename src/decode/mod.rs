@@ -212,6 +212,11 @@ impl Plan {
                 ));
             }
         }
+        if mask_id == eos_id {
+            return invalid(format!(
+                "mask id and eos id are both {mask_id}: they must differ"
+            ));
+        }
         let steps_per_block = o.steps / blocks;
         let dream = config.family == Family::Dream;
         let (rule, score) = if dream {
@@ -342,6 +347,14 @@ pub fn generate(
             let masked: Vec<usize> = (bs..be).filter(|&p| x[p] == plan.mask_id).collect();
             if masked.is_empty() {
                 break;
+            }
+            // Past the schedule every rule commits at least one token a step,
+            // so this many steps means committed tokens are the mask itself.
+            if step >= plan.steps_per_block + plan.block_length {
+                return Err(Error::invalid(format!(
+                    "decoding made no progress in block {block}: the model keeps predicting the mask id {} at masked positions (is the mask id right?)",
+                    plan.mask_id
+                )));
             }
             // Queries: all kept slots at a block's first step or without a
             // cache; afterwards the block (DualCache) or the block and what
