@@ -1,6 +1,7 @@
 //! Command-line front end: argument definitions and dispatch.
 
 mod bench;
+mod eval;
 mod generate;
 mod info;
 
@@ -25,6 +26,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Time every cache strategy end to end on one model and prompt.
     Bench(bench::BenchArgs),
+    /// Exact-match accuracy, NFE and speed of every strategy on a held-out set.
+    Eval(eval::EvalArgs),
     /// Print a model's architecture, parameter count, dtypes and memory needs.
     Info {
         #[command(flatten)]
@@ -36,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Info { model } => info::run(&model.resolve()),
     }
 }

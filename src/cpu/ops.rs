@@ -119,7 +119,9 @@ pub struct AttentionShape {
 }
 
 /// Bidirectional attention of `q` (`[n, heads * head_dim]`) over the first
-/// `keys` rows of the cache (`[slots, kv_heads * head_dim]`), no mask.
+/// `keys` rows of the cache (`[slots, kv_heads * head_dim]`), no mask. Per
+/// head it is two GEMMs around a row softmax, so it runs at matrix speed;
+/// heads run in parallel.
 pub fn attention(
     q: &[f32],
     k_cache: &[f32],
@@ -132,35 +134,75 @@ pub fn attention(
         kv_heads,
         head_dim: hd,
     } = *shape;
-    let group = heads / kv_heads;
+    let d = heads * hd;
+    let n = q.len() / d;
     let kv_dim = kv_heads * hd;
+    let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0.0f32; q.len()];
-    out.par_chunks_exact_mut(hd)
-        .zip(q.par_chunks_exact(hd))
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f32; keys],
-            |scores, (index, (o, qh))| {
-                let kv = (index % heads) / group;
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let k = &k_cache[j * kv_dim + kv * hd..][..hd];
-                    *s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*s);
-                }
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let kv = (h / group) * hd;
+            let mut scores = vec![0.0f32; n * keys];
+            // SAFETY: every pointer/stride pair below addresses inside its
+            // slice: q rows of stride d from column h*hd, cache rows of stride
+            // kv_dim from column kv, `keys <= slots` (ForwardPass::validate).
+            unsafe {
+                matrixmultiply::sgemm(
+                    n,
+                    hd,
+                    keys,
+                    scale,
+                    q[h * hd..].as_ptr(),
+                    d as isize,
+                    1,
+                    k_cache[kv..].as_ptr(),
+                    1,
+                    kv_dim as isize,
+                    0.0,
+                    scores.as_mut_ptr(),
+                    keys as isize,
+                    1,
+                );
+            }
+            for row in scores.chunks_exact_mut(keys) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let mut sum = 0.0f32;
-                for s in scores.iter_mut() {
+                for s in row.iter_mut() {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                for (j, s) in scores.iter().enumerate() {
-                    let v = &v_cache[j * kv_dim + kv * hd..][..hd];
-                    let p = s / sum;
-                    o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-                }
-            },
-        );
+                row.iter_mut().for_each(|s| *s /= sum);
+            }
+            let mut out = vec![0.0f32; n * hd];
+            // SAFETY: as above; `out` is [n, hd] row-major.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n,
+                    keys,
+                    hd,
+                    1.0,
+                    scores.as_ptr(),
+                    keys as isize,
+                    1,
+                    v_cache[kv..].as_ptr(),
+                    kv_dim as isize,
+                    1,
+                    0.0,
+                    out.as_mut_ptr(),
+                    hd as isize,
+                    1,
+                );
+            }
+            out
+        })
+        .collect();
+    let mut out = vec![0.0f32; n * d];
+    for (h, head) in per_head.iter().enumerate() {
+        for (row, values) in head.chunks_exact(hd).enumerate() {
+            out[row * d + h * hd..][..hd].copy_from_slice(values);
+        }
+    }
     out
 }
 
@@ -191,6 +233,38 @@ mod tests {
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&x[8..]) - norm(&original[8..])).abs() < 1e-3);
         assert_ne!(&x[8..], &original[8..]);
+    }
+
+    #[test]
+    fn attention_matches_a_direct_softmax_with_grouped_heads() {
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 3,
+        };
+        let (n, keys) = (2, 5);
+        let q: Vec<f32> = (0..n * 12).map(|i| (i as f32 * 0.7).sin()).collect();
+        let k: Vec<f32> = (0..keys * 6).map(|i| (i as f32 * 0.3).cos()).collect();
+        let v: Vec<f32> = (0..keys * 6).map(|i| i as f32 * 0.1 - 1.0).collect();
+        let got = attention(&q, &k, &v, keys, &shape);
+        for i in 0..n {
+            for h in 0..4 {
+                let g = h / 2;
+                let qh = &q[i * 12 + h * 3..][..3];
+                let s: Vec<f32> = (0..keys)
+                    .map(|j| {
+                        (0..3).map(|c| qh[c] * k[j * 6 + g * 3 + c]).sum::<f32>() / 3f32.sqrt()
+                    })
+                    .collect();
+                let z: f32 = s.iter().map(|x| x.exp()).sum();
+                for c in 0..3 {
+                    let want: f32 = (0..keys)
+                        .map(|j| s[j].exp() / z * v[j * 6 + g * 3 + c])
+                        .sum();
+                    assert!((got[i * 12 + h * 3 + c] - want).abs() < 1e-5);
+                }
+            }
+        }
     }
 
     #[test]
