@@ -9,6 +9,7 @@
 mod layout;
 mod rule;
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 pub use rule::{transfer_schedule, Candidate, Rule};
@@ -334,7 +335,6 @@ pub fn generate(
     let start = Instant::now();
     let mut first_forward: Option<Duration> = None;
     let mut nfe = 0;
-    let mut tokens_buf: Vec<u32> = Vec::with_capacity(len);
     let blocks = plan.gen_length / plan.block_length;
     for block in 0..blocks {
         let bs = prompt.len() + block * plan.block_length;
@@ -359,45 +359,15 @@ pub fn generate(
             // Queries: all kept slots at a block's first step or without a
             // cache; afterwards the block (DualCache) or the block and what
             // follows it (prefix cache).
-            let (q0, q1) = match (step, plan.cache) {
-                (0, _) | (_, CacheMode::None) => (0, kept.len()),
-                (_, CacheMode::Prefix) => (bs, kept.len()),
-                (_, CacheMode::Dual) => (bs, be),
+            let queries = match (step, plan.cache) {
+                (0, _) | (_, CacheMode::None) => 0..kept.len(),
+                (_, CacheMode::Prefix) => bs..kept.len(),
+                (_, CacheMode::Dual) => bs..be,
             };
-            let row_of = |p: usize| {
-                let q = p - q0;
-                if plan.shifted_logits {
-                    q.saturating_sub(1)
-                } else {
-                    q
-                }
-            };
-            let rows = row_of(bs)..row_of(be - 1) + 1;
-            let positions = &kept[q0..q1];
-            tokens_buf.clear();
-            tokens_buf.extend(positions.iter().map(|&p| x[p as usize]));
-            let pass = ForwardPass {
-                tokens: &tokens_buf,
-                positions,
-                write_slot: q0,
-                attend_len: kept.len(),
-                rows: rows.clone(),
-            };
-            let stats = backend.token_stats(&pass)?;
+            let mut candidates = forward(backend, &plan, &x, &kept, queries, &masked)?;
             nfe += 1;
             first_forward.get_or_insert_with(|| start.elapsed());
 
-            let mut candidates: Vec<Candidate> = masked
-                .iter()
-                .map(|&p| {
-                    let s = &stats[row_of(p) - rows.start];
-                    Candidate {
-                        position: p,
-                        token: s.token,
-                        confidence: plan.score.of(s),
-                    }
-                })
-                .collect();
             let commit = if step == 0 && plan.first_step_commits_first_position {
                 candidates.retain(|c| c.position == bs);
                 candidates.len()
@@ -431,4 +401,47 @@ pub fn generate(
         prompt_time,
         decode_time: total - prompt_time,
     })
+}
+
+/// Runs one forward over the kept slots `queries` and returns the masked
+/// block positions `masked` as candidates, scored as the plan says.
+fn forward(
+    backend: &mut dyn Backend,
+    plan: &Plan,
+    x: &[u32],
+    kept: &[u32],
+    queries: Range<usize>,
+    masked: &[usize],
+) -> Result<Vec<Candidate>> {
+    // Output row of position p; Dream predicts p from the output at p - 1.
+    let row_of = |p: usize| {
+        let q = p - queries.start;
+        if plan.shifted_logits {
+            q.saturating_sub(1)
+        } else {
+            q
+        }
+    };
+    let (first, last) = (masked[0], masked[masked.len() - 1]);
+    let rows = row_of(first)..row_of(last) + 1;
+    let positions = &kept[queries.clone()];
+    let tokens: Vec<u32> = positions.iter().map(|&p| x[p as usize]).collect();
+    let stats = backend.token_stats(&ForwardPass {
+        tokens: &tokens,
+        positions,
+        write_slot: queries.start,
+        attend_len: kept.len(),
+        rows: rows.clone(),
+    })?;
+    Ok(masked
+        .iter()
+        .map(|&p| {
+            let s = &stats[row_of(p) - rows.start];
+            Candidate {
+                position: p,
+                token: s.token,
+                confidence: plan.score.of(s),
+            }
+        })
+        .collect())
 }
