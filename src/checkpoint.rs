@@ -316,3 +316,64 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_tensor(dtype: Dtype, bytes: Vec<u8>) -> Checkpoint {
+        let len = bytes.len() / dtype.size();
+        Checkpoint::from_tensors(vec![("t".into(), dtype, vec![len], bytes)])
+    }
+
+    #[test]
+    fn every_stored_dtype_converts_to_f32_and_bf16() {
+        let values = [1.5f32, -0.25, 3.0e-3, 1024.0];
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let f16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        for (dtype, bytes, tolerance) in [
+            (Dtype::F32, f32_bytes, 0.0),
+            (Dtype::BF16, bf16_bytes, 4e-3),
+            (Dtype::F16, f16_bytes, 1e-3),
+        ] {
+            let checkpoint = one_tensor(dtype, bytes);
+            let view = checkpoint.tensor("t").unwrap();
+            for (got, want) in view.to_f32().iter().zip(values) {
+                assert!(
+                    (got - want).abs() <= tolerance * want.abs(),
+                    "{dtype:?}: {got} vs {want}"
+                );
+            }
+            let rounded: Vec<bf16> = values.iter().map(|v| bf16::from_f32(*v)).collect();
+            if dtype != Dtype::F16 {
+                assert_eq!(view.to_bf16(), rounded, "{dtype:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn shape_mismatch_and_missing_tensors_name_the_tensor() {
+        let checkpoint = one_tensor(Dtype::F32, vec![0; 16]);
+        let err = checkpoint
+            .tensor_shaped("t", &[2, 2])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("tensor t: has shape [4], expected [2, 2]"),
+            "{err}"
+        );
+        let err = checkpoint.tensor("u").err().unwrap().to_string();
+        assert!(
+            err.contains("tensor u: missing from the checkpoint"),
+            "{err}"
+        );
+    }
+}

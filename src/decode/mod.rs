@@ -1,4 +1,4 @@
-//! The decode loop: one loop for every strategy, steered by a [`Plan`].
+//! The decode loop: one loop for every strategy, steered by a plan.
 //!
 //! A request's [`DecodeOptions`] are checked once against the model and
 //! turned into a plan: which positions each block sees, which forward each
