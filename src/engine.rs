@@ -23,11 +23,7 @@ impl Engine {
     pub fn new(model: Model, device: Device) -> Result<Engine> {
         let backend: Box<dyn Backend> = match device {
             Device::Cpu => Box::new(CpuBackend::new(&model)?),
-            Device::Cuda => {
-                return Err(Error::Device(
-                    "this build has no CUDA backend; use --device cpu".into(),
-                ))
-            }
+            Device::Cuda => Box::new(crate::cuda::CudaBackend::new(&model)?),
         };
         Ok(Engine { model, backend })
     }

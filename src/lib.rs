@@ -45,6 +45,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod decode;
 mod engine;
 pub mod error;

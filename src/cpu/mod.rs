@@ -1,7 +1,7 @@
 //! The float32 CPU backend: the readable reference every other backend is
 //! checked against, and the default where there is no GPU.
 
-mod ops;
+pub mod ops;
 
 use crate::backend::{Backend, ForwardPass};
 use crate::checkpoint::TensorView;

@@ -73,12 +73,18 @@ pub struct Rope {
     half: usize,
 }
 
+/// RoPE frequencies `theta^(-2j / head_dim)` in f32, as the references
+/// compute them; every backend rotates by these.
+pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+        .collect()
+}
+
 impl Rope {
     pub fn new(positions: &[u32], head_dim: usize, theta: f32) -> Rope {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = inv_freq(head_dim, theta);
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {

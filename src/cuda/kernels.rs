@@ -1,0 +1,522 @@
+//! Typed launchers for `kernels/*.cu`: one method per kernel, which checks the
+//! extents of its buffers against the shape it is given and derives the launch
+//! grid. The launch constants here mirror the ones in the .cu files.
+//!
+//! Buffers are passed as views with exact extents (`slice(..n * d)`), so every
+//! size a kernel trusts is checked on the host first.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+
+use super::{driver_error, no_kernels_error};
+use crate::backend::TokenStats;
+use crate::error::{Error, Result};
+
+#[cfg(dllm_kernels)]
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+#[cfg(not(dllm_kernels))]
+const FATBINS: &[(&str, &[u8])] = &[];
+
+/// Whether this build embeds compiled kernels (nvcc was found by build.rs).
+pub const KERNELS_BUILT: bool = cfg!(dllm_kernels);
+
+/// Queries per attention block (kernels/attention.cu `BQ`).
+pub const ATTENTION_QUERIES: usize = 16;
+/// Keys per attention tile (kernels/attention.cu `BK`).
+pub const ATTENTION_KEYS: usize = 64;
+const ATTENTION_THREADS: u32 = 128;
+/// A key split is worth its combine pass only past this many keys.
+const MIN_SPLIT_KEYS: usize = 4 * ATTENTION_KEYS;
+const CONFIDENCE_THREADS: u32 = 512;
+const ROW_THREADS: u32 = 256;
+
+/// The head layout of attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Heads {
+    /// Width of a query row (d_model).
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Width of a key (or value) row of the cache.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Width of a row of the fused q|k|v projection.
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+}
+
+/// What the confidence kernel writes per row (kernels/confidence.cu `RowStats`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RowStats {
+    pub token: u32,
+    pub prob: f32,
+    pub neg_entropy: f32,
+    pub margin: f32,
+}
+
+// SAFETY: plain C struct of four 32-bit fields, laid out like the kernel's.
+unsafe impl DeviceRepr for RowStats {}
+// SAFETY: all-zero bits are a valid RowStats.
+unsafe impl ValidAsZeroBits for RowStats {}
+
+impl From<RowStats> for TokenStats {
+    fn from(s: RowStats) -> TokenStats {
+        TokenStats {
+            token: s.token,
+            prob: s.prob as f64,
+            neg_entropy: s.neg_entropy as f64,
+            margin: s.margin as f64,
+        }
+    }
+}
+
+/// How attention splits the key range of a pass across blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSplit {
+    pub splits: usize,
+    /// Keys per split, a multiple of the tile; the last split may be shorter.
+    pub chunk: usize,
+}
+
+impl AttentionSplit {
+    /// Aims at two blocks per multiprocessor: a cached step (a 32-token block,
+    /// 32 heads) makes only 64 blocks of queries, so the keys are split until
+    /// the grid fills the GPU, but never below `MIN_SPLIT_KEYS` per split. A
+    /// full forward has blocks enough and keeps one split. No split is empty.
+    pub fn new(queries: usize, heads: usize, attend_len: usize, sms: usize) -> AttentionSplit {
+        let blocks = queries.div_ceil(ATTENTION_QUERIES) * heads;
+        let wanted = (2 * sms).div_ceil(blocks.max(1));
+        let most = attend_len.div_ceil(MIN_SPLIT_KEYS);
+        let splits = wanted.min(most).max(1);
+        let chunk = attend_len.div_ceil(splits).div_ceil(ATTENTION_KEYS) * ATTENTION_KEYS;
+        AttentionSplit {
+            splits: attend_len.div_ceil(chunk).max(1),
+            chunk,
+        }
+    }
+}
+
+/// Scratch for split attention: per (split, query, head) the unnormalised
+/// output row and its running (max, sum).
+pub struct AttentionScratch {
+    out: CudaSlice<f32>,
+    max_sum: CudaSlice<f32>,
+}
+
+impl AttentionScratch {
+    /// Rows (split × query × head) the scratch must hold. Splits only happen
+    /// when there are fewer than 2·sms query blocks, and then
+    /// splits · blocks < 2·sms + blocks < 4·sms, each block `ATTENTION_QUERIES`
+    /// query rows of one head.
+    pub fn rows(sms: usize) -> usize {
+        4 * sms * ATTENTION_QUERIES
+    }
+
+    pub fn new(stream: &Arc<CudaStream>, sms: usize, head_dim: usize) -> Result<AttentionScratch> {
+        let rows = Self::rows(sms);
+        Ok(AttentionScratch {
+            out: stream
+                .alloc_zeros(rows * head_dim)
+                .map_err(driver_error("attention scratch"))?,
+            max_sum: stream
+                .alloc_zeros(rows * 2)
+                .map_err(driver_error("attention scratch"))?,
+        })
+    }
+
+    pub fn bytes(sms: usize, head_dim: usize) -> usize {
+        Self::rows(sms) * (head_dim + 2) * 4
+    }
+}
+
+/// The loaded kernels of one device.
+pub struct Kernels {
+    embed: CudaFunction,
+    rms_norm: CudaFunction,
+    kv_update: CudaFunction,
+    attention_hd64: CudaFunction,
+    attention_hd128: CudaFunction,
+    attention_combine: CudaFunction,
+    silu_gate: CudaFunction,
+    confidence: CudaFunction,
+    /// Multiprocessor count, for sizing grids.
+    pub sms: usize,
+}
+
+impl Kernels {
+    /// Loads the embedded fatbins into `ctx`.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+        if FATBINS.is_empty() {
+            return Err(no_kernels_error());
+        }
+        let module = |stem: &str| -> Result<Arc<CudaModule>> {
+            let (_, image) = FATBINS.iter().find(|(s, _)| *s == stem).ok_or_else(|| {
+                Error::Device(format!("kernels/{stem}.cu is missing from this build"))
+            })?;
+            ctx.load_module(Ptx::from_binary(image.to_vec()))
+                .map_err(|e| {
+                    Error::Device(format!(
+                    "cannot load kernels/{stem}.cu on this GPU ({e}): the kernels are built for \
+                     sm_90a (H100/H200), and for sm_80 only with DLLM_CUDA_SM80=1 at build time; \
+                     the driver must support CUDA 13.0"
+                ))
+                })
+        };
+        let function = |module: &Arc<CudaModule>, name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| Error::Device(format!("kernel {name}: {e}")))
+        };
+        let attention = module("attention")?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver_error("multiprocessor count"))?;
+        Ok(Kernels {
+            embed: function(&module("embed")?, "embed")?,
+            rms_norm: function(&module("rms_norm")?, "rms_norm")?,
+            kv_update: function(&module("kv_update")?, "kv_update")?,
+            attention_hd64: function(&attention, "attention_hd64")?,
+            attention_hd128: function(&attention, "attention_hd128")?,
+            attention_combine: function(&attention, "attention_combine")?,
+            silu_gate: function(&module("silu_gate")?, "silu_gate")?,
+            confidence: function(&module("confidence")?, "confidence")?,
+            sms: sms as usize,
+        })
+    }
+
+    /// `x[i] = table[tokens[i]]` (bf16 rows to f32). Token ids must be below
+    /// the table's row count: the caller checks them on the host.
+    pub fn embed(
+        &self,
+        stream: &CudaStream,
+        table: &CudaView<bf16>,
+        tokens: &CudaView<u32>,
+        x: &mut CudaViewMut<f32>,
+        d: usize,
+    ) -> Result<()> {
+        let n = tokens.len();
+        extent("embed", "x", x.len(), n * d)?;
+        let d = int(d)?;
+        let mut args = stream.launch_builder(&self.embed);
+        args.arg(table).arg(tokens).arg(x).arg(&d);
+        launch(args, "embed", grid(n, 1, 1, ROW_THREADS)?)
+    }
+
+    /// `out = weight * x / rms(x)` per row of `x` (f32 to bf16).
+    pub fn rms_norm(
+        &self,
+        stream: &CudaStream,
+        x: &CudaView<f32>,
+        weight: &CudaView<f32>,
+        out: &mut CudaViewMut<bf16>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = weight.len();
+        let rows = x.len() / d.max(1);
+        extent("rms_norm", "x", x.len(), rows * d)?;
+        extent("rms_norm", "out", out.len(), rows * d)?;
+        let d = int(d)?;
+        let mut args = stream.launch_builder(&self.rms_norm);
+        args.arg(x).arg(weight).arg(out).arg(&d).arg(&eps);
+        launch(args, "rms_norm", grid(rows, 1, 1, ROW_THREADS)?)
+    }
+
+    /// Adds the bias, rotates q in place and k by RoPE at `positions`, and
+    /// writes k and v into cache slots `write_slot ..`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_update(
+        &self,
+        stream: &CudaStream,
+        qkv: &mut CudaViewMut<f32>,
+        bias: Option<&CudaView<f32>>,
+        positions: &CudaView<u32>,
+        inv_freq: &CudaView<f32>,
+        k_cache: &mut CudaViewMut<bf16>,
+        v_cache: &mut CudaViewMut<bf16>,
+        write_slot: usize,
+        heads: Heads,
+    ) -> Result<()> {
+        let n = positions.len();
+        extent("kv_update", "qkv", qkv.len(), n * heads.qkv_dim())?;
+        extent("kv_update", "inv_freq", inv_freq.len(), heads.head_dim / 2)?;
+        if let Some(bias) = bias {
+            extent("kv_update", "bias", bias.len(), heads.qkv_dim())?;
+        }
+        let needed = (write_slot + n) * heads.kv_dim();
+        for (name, cache) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
+            if cache < needed {
+                return Err(Error::Device(format!(
+                    "kv_update: {name} holds {cache} values, slots up to {} need {needed}",
+                    write_slot + n
+                )));
+            }
+        }
+        let null: u64 = 0;
+        let (slot, h, kvh, hd) = (
+            int(write_slot)?,
+            int(heads.heads)?,
+            int(heads.kv_heads)?,
+            int(heads.head_dim)?,
+        );
+        let mut args = stream.launch_builder(&self.kv_update);
+        args.arg(qkv);
+        match bias {
+            Some(bias) => args.arg(bias),
+            None => args.arg(&null),
+        };
+        args.arg(positions).arg(inv_freq).arg(k_cache).arg(v_cache);
+        args.arg(&slot).arg(&h).arg(&kvh).arg(&hd);
+        launch(args, "kv_update", grid(n, 1, 1, ROW_THREADS)?)
+    }
+
+    /// Attention of the q rows of `qkv` over cache slots `0 .. attend_len`,
+    /// into `out` (`[n, q_dim]` bf16).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        stream: &CudaStream,
+        qkv: &CudaView<f32>,
+        k_cache: &CudaView<bf16>,
+        v_cache: &CudaView<bf16>,
+        out: &mut CudaViewMut<bf16>,
+        scratch: &mut AttentionScratch,
+        attend_len: usize,
+        heads: Heads,
+    ) -> Result<()> {
+        let n = out.len() / heads.q_dim();
+        extent("attention", "out", out.len(), n * heads.q_dim())?;
+        extent("attention", "qkv", qkv.len(), n * heads.qkv_dim())?;
+        for (name, cache) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
+            if cache < attend_len * heads.kv_dim() {
+                return Err(Error::Device(format!(
+                    "attention: {name} holds {cache} values, {attend_len} slots need {}",
+                    attend_len * heads.kv_dim()
+                )));
+            }
+        }
+        if heads.kv_heads == 0 || heads.heads % heads.kv_heads != 0 {
+            return Err(Error::Device(format!(
+                "attention: {heads:?} is not a GQA layout"
+            )));
+        }
+        let kernel = match heads.head_dim {
+            64 => &self.attention_hd64,
+            128 => &self.attention_hd128,
+            other => {
+                return Err(Error::Device(format!(
+                    "attention: head_dim {other} has no kernel (64 and 128 are built)"
+                )))
+            }
+        };
+        let split = AttentionSplit::new(n, heads.heads, attend_len, self.sms);
+        let (ni, len, chunk, h, kvh) = (
+            int(n)?,
+            int(attend_len)?,
+            int(split.chunk)?,
+            int(heads.heads)?,
+            int(heads.kv_heads)?,
+        );
+        let mut args = stream.launch_builder(kernel);
+        args.arg(qkv).arg(k_cache).arg(v_cache).arg(&mut *out);
+        args.arg(&mut scratch.out).arg(&mut scratch.max_sum);
+        args.arg(&ni).arg(&len).arg(&chunk).arg(&h).arg(&kvh);
+        let blocks = grid(
+            n.div_ceil(ATTENTION_QUERIES),
+            heads.heads,
+            split.splits,
+            ATTENTION_THREADS,
+        )?;
+        launch(args, "attention", blocks)?;
+        if split.splits == 1 {
+            return Ok(());
+        }
+        let splits = int(split.splits)?;
+        let mut args = stream.launch_builder(&self.attention_combine);
+        args.arg(&scratch.out).arg(&scratch.max_sum).arg(out);
+        args.arg(&ni).arg(&h).arg(&splits);
+        launch(
+            args,
+            "attention_combine",
+            grid(n, heads.heads, 1, heads.head_dim as u32)?,
+        )
+    }
+
+    /// `h = silu(g) * u` for rows `[g | u]` of `gate_up` (`[n, 2f]` f32).
+    pub fn silu_gate(
+        &self,
+        stream: &CudaStream,
+        gate_up: &CudaView<f32>,
+        h: &mut CudaViewMut<bf16>,
+        f: usize,
+    ) -> Result<()> {
+        let n = h.len() / f.max(1);
+        extent("silu_gate", "h", h.len(), n * f)?;
+        extent("silu_gate", "gate_up", gate_up.len(), n * 2 * f)?;
+        let fi = int(f)?;
+        let mut args = stream.launch_builder(&self.silu_gate);
+        args.arg(gate_up).arg(h).arg(&fi);
+        launch(
+            args,
+            "silu_gate",
+            grid(n, f.div_ceil(ROW_THREADS as usize), 1, ROW_THREADS)?,
+        )
+    }
+
+    /// Argmax, probability, negative entropy and margin of each row of
+    /// `logits` (`[rows, vocab]` f32), `rows = stats.len()`.
+    pub fn confidence(
+        &self,
+        stream: &CudaStream,
+        logits: &CudaView<f32>,
+        stats: &mut CudaViewMut<RowStats>,
+        vocab: usize,
+    ) -> Result<()> {
+        let rows = stats.len();
+        extent("confidence", "logits", logits.len(), rows * vocab)?;
+        let v = int(vocab)?;
+        let mut args = stream.launch_builder(&self.confidence);
+        args.arg(logits).arg(stats).arg(&v);
+        launch(args, "confidence", grid(rows, 1, 1, CONFIDENCE_THREADS)?)
+    }
+}
+
+fn extent(kernel: &str, buffer: &str, len: usize, want: usize) -> Result<()> {
+    if len == want {
+        Ok(())
+    } else {
+        Err(Error::Device(format!(
+            "{kernel}: {buffer} has {len} elements, the shape needs {want}"
+        )))
+    }
+}
+
+/// Kernel arguments are 32-bit.
+fn int(v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::Device(format!("size {v} exceeds the kernels' 32-bit indices")))
+}
+
+fn grid(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig> {
+    let dim = |v: usize, max: u32| {
+        u32::try_from(v)
+            .ok()
+            .filter(|&v| v <= max)
+            .ok_or_else(|| Error::Device(format!("grid dimension {v} exceeds {max}")))
+    };
+    Ok(LaunchConfig {
+        grid_dim: (dim(x, i32::MAX as u32)?, dim(y, 65535)?, dim(z, 65535)?),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn launch(
+    mut args: cudarc::driver::LaunchArgs<'_>,
+    kernel: &str,
+    config: LaunchConfig,
+) -> Result<()> {
+    if config.grid_dim.0 == 0 {
+        return Ok(());
+    }
+    // SAFETY: every launcher above pushes the arguments in the order and with
+    // the types of its kernel's signature, and has checked each buffer's
+    // extent against the shape the kernel indexes with.
+    unsafe { args.launch(config) }
+        .map(|_| ())
+        .map_err(driver_error(kernel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_fills_the_gpu_on_a_cached_step() {
+        // LLaDA-8B, block of 32 against 2048 cache slots, on 132 SMs.
+        let split = AttentionSplit::new(32, 32, 2048, 132);
+        assert_eq!(
+            split,
+            AttentionSplit {
+                splits: 5,
+                chunk: 448
+            }
+        );
+        // A full forward has enough query blocks for one split.
+        assert_eq!(AttentionSplit::new(1024, 32, 1024, 132).splits, 1);
+        // Short caches are never split below MIN_SPLIT_KEYS.
+        assert_eq!(AttentionSplit::new(32, 32, 300, 132).splits, 2);
+        assert_eq!(
+            AttentionSplit::new(8, 4, 40, 132),
+            AttentionSplit {
+                splits: 1,
+                chunk: 64
+            }
+        );
+    }
+
+    #[test]
+    fn attention_splits_are_never_empty_and_fit_the_scratch() {
+        for sms in [1, 16, 132] {
+            for heads in [1, 4, 28, 32] {
+                for n in (1..300).step_by(7) {
+                    for attend_len in (n..5000).step_by(97) {
+                        let s = AttentionSplit::new(n, heads, attend_len, sms);
+                        assert_eq!(s.chunk % ATTENTION_KEYS, 0);
+                        assert!(
+                            (s.splits - 1) * s.chunk < attend_len,
+                            "{s:?} for {attend_len}"
+                        );
+                        assert!(s.splits * s.chunk >= attend_len);
+                        if s.splits > 1 {
+                            assert!(s.splits * n * heads <= AttentionScratch::rows(sms), "{s:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn launch_shapes_are_checked_on_the_host() {
+        assert!(extent("k", "x", 10, 10).is_ok());
+        let err = extent("embed", "x", 9, 10).unwrap_err().to_string();
+        assert!(
+            err.contains("embed: x has 9 elements, the shape needs 10"),
+            "{err}"
+        );
+        assert!(int(1 << 31).is_err());
+        assert!(grid(1, 70_000, 1, 32).is_err());
+        assert_eq!(grid(5, 2, 3, 128).unwrap().grid_dim, (5, 2, 3));
+    }
+
+    #[test]
+    fn row_stats_match_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<RowStats>(), 16);
+        let stats = TokenStats::from(RowStats {
+            token: 7,
+            prob: 0.5,
+            neg_entropy: -1.0,
+            margin: 0.25,
+        });
+        assert_eq!((stats.token, stats.prob, stats.margin), (7, 0.5, 0.25));
+    }
+}

@@ -1,0 +1,120 @@
+//! The model's weights on the device. Matrices are bf16 (what the GEMMs read)
+//! and the few vectors (norm weights, Dream's biases, RoPE frequencies) are
+//! f32, so that they are exactly the CPU reference's values.
+//!
+//! Projections that read the same input are concatenated along their output
+//! rows, so each layer runs three input GEMMs fewer: q|k|v is one
+//! `[d + 2 kv, d]` matrix and gate|up one `[2 f, d]` matrix.
+
+use crate::cpu::ops::inv_freq;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+
+use super::driver_error;
+use crate::checkpoint::TensorView;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::Model;
+use crate::progress::Progress;
+
+pub struct Layer {
+    pub attn_norm: CudaSlice<f32>,
+    pub qkv: CudaSlice<bf16>,
+    /// bq|bk|bv, matching the columns of `qkv`'s output (Dream only).
+    pub qkv_bias: Option<CudaSlice<f32>>,
+    pub o: CudaSlice<bf16>,
+    pub ffn_norm: CudaSlice<f32>,
+    pub gate_up: CudaSlice<bf16>,
+    pub down: CudaSlice<bf16>,
+}
+
+pub struct Weights {
+    pub embed: CudaSlice<bf16>,
+    pub layers: Vec<Layer>,
+    pub final_norm: CudaSlice<f32>,
+    pub head: CudaSlice<bf16>,
+    /// RoPE inverse frequencies, `[head_dim / 2]`.
+    pub inv_freq: CudaSlice<f32>,
+}
+
+impl Weights {
+    /// Device bytes of the weights: parameters are two bytes each (vectors,
+    /// stored in f32, are too few to count).
+    pub fn bytes(config: &ModelConfig) -> usize {
+        config.parameter_count() as usize * 2
+    }
+
+    pub fn upload(stream: &Arc<CudaStream>, model: &Model) -> Result<Weights> {
+        let tensors = model.tensors()?;
+        let up = Upload {
+            stream,
+            progress: Progress::bytes(
+                "uploading weights to the GPU",
+                Self::bytes(&model.config) as u64,
+            ),
+        };
+        let layers = tensors
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    attn_norm: up.vector(&[&l.attn_norm])?,
+                    qkv: up.matrix(&[&l.q, &l.k, &l.v])?,
+                    qkv_bias: l
+                        .qkv_bias
+                        .as_ref()
+                        .map(|[q, k, v]| up.vector(&[q, k, v]))
+                        .transpose()?,
+                    o: up.matrix(&[&l.o])?,
+                    ffn_norm: up.vector(&[&l.ffn_norm])?,
+                    gate_up: up.matrix(&[&l.gate, &l.up])?,
+                    down: up.matrix(&[&l.down])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weights = Weights {
+            embed: up.matrix(&[&tensors.embed])?,
+            layers,
+            final_norm: up.vector(&[&tensors.final_norm])?,
+            head: up.matrix(&[&tensors.head])?,
+            inv_freq: stream
+                .clone_htod(&inv_freq(model.config.head_dim, model.config.rope_theta))
+                .map_err(driver_error("the RoPE frequencies"))?,
+        };
+        up.progress.finish();
+        Ok(weights)
+    }
+}
+
+struct Upload<'a> {
+    stream: &'a Arc<CudaStream>,
+    progress: Progress,
+}
+
+impl Upload<'_> {
+    /// The row-wise concatenation of `parts`, as bf16.
+    fn matrix(&self, parts: &[&TensorView]) -> Result<CudaSlice<bf16>> {
+        let mut host = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for part in parts {
+            host.extend(part.to_bf16());
+        }
+        self.send(&host)
+    }
+
+    /// The concatenation of `parts`, as f32.
+    fn vector(&self, parts: &[&TensorView]) -> Result<CudaSlice<f32>> {
+        let host: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
+        self.send(&host)
+    }
+
+    fn send<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        let slice = self
+            .stream
+            .clone_htod(host)
+            .map_err(driver_error("the weights"))?;
+        self.progress.advance(host.len() as u64 * 2);
+        Ok(slice)
+    }
+}
