@@ -36,6 +36,12 @@ struct __align__(16) Tile {
   float p[BQ][BK];            // probabilities; each warp touches only its own rows
 };
 
+// Whether `lane` holds output column pair lane + 32 j (always, unless HD < 64).
+template <int HD>
+__device__ __forceinline__ bool owns_pair(int lane, int j) {
+  return lane + 32 * j < HD / 2;
+}
+
 template <int HD>
 __device__ __forceinline__ void attention(const float* __restrict__ qkv,
                                           const bf16* __restrict__ k_cache,
@@ -43,7 +49,8 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
                                           bf16* __restrict__ out, float* __restrict__ part_o,
                                           float2* __restrict__ part_ml, int n, int attend_len,
                                           int chunk, int heads, int kv_heads) {
-  constexpr int PAIRS = HD / 64;  // output column pairs per lane
+  // Output column pairs per lane; with HD = 32 only lanes 0..15 own a pair.
+  constexpr int PAIRS = (HD / 2 + 31) / 32;
   __shared__ Tile<HD> t;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int q0 = blockIdx.x * BQ, head = blockIdx.y;
@@ -51,6 +58,7 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
   const int d = heads * HD, kv = kv_heads * HD;
   const int key_begin = blockIdx.z * chunk, key_end = min(attend_len, key_begin + chunk);
   const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
+  const auto owns = [](int lane, int j) { return owns_pair<HD>(lane, j); };
 
   for (int i = threadIdx.x; i < BQ * HD; i += THREADS) {
     const int r = i / HD, c = i % HD;
@@ -124,7 +132,8 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
     for (int key = 0; key < keys; ++key) {
       float2 v[PAIRS];
 #pragma unroll
-      for (int j = 0; j < PAIRS; ++j) v[j] = __bfloat1622float2(t.v[key][lane + 32 * j]);
+      for (int j = 0; j < PAIRS; ++j)
+        v[j] = owns(lane, j) ? __bfloat1622float2(t.v[key][lane + 32 * j]) : make_float2(0.f, 0.f);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const float p = t.p[warp * ROWS + r][key];
@@ -147,12 +156,13 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
       bf16x2* dst = reinterpret_cast<bf16x2*>(out + (size_t)q * d + head * HD);
 #pragma unroll
       for (int j = 0; j < PAIRS; ++j)
-        dst[lane + 32 * j] = __floats2bfloat162_rn(o[r][j][0] * inv, o[r][j][1] * inv);
+        if (owns(lane, j)) dst[lane + 32 * j] = __floats2bfloat162_rn(o[r][j][0] * inv, o[r][j][1] * inv);
     } else {
       const size_t row = ((size_t)blockIdx.z * n + q) * heads + head;
       float2* dst = reinterpret_cast<float2*>(part_o + row * HD);
 #pragma unroll
-      for (int j = 0; j < PAIRS; ++j) dst[lane + 32 * j] = make_float2(o[r][j][0], o[r][j][1]);
+      for (int j = 0; j < PAIRS; ++j)
+        if (owns(lane, j)) dst[lane + 32 * j] = make_float2(o[r][j][0], o[r][j][1]);
       if (lane == 0) part_ml[row] = make_float2(m[r], l[r]);
     }
   }
@@ -166,6 +176,7 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
                   kv_heads);                                                                \
   }
 
+ATTENTION_KERNEL(32)  // the tiny golden test models
 ATTENTION_KERNEL(64)
 ATTENTION_KERNEL(128)
 

@@ -151,6 +151,7 @@ pub struct Kernels {
     embed: CudaFunction,
     rms_norm: CudaFunction,
     kv_update: CudaFunction,
+    attention_hd32: CudaFunction,
     attention_hd64: CudaFunction,
     attention_hd128: CudaFunction,
     attention_combine: CudaFunction,
@@ -194,6 +195,7 @@ impl Kernels {
             embed: function(&module("embed")?, "embed")?,
             rms_norm: function(&module("rms_norm")?, "rms_norm")?,
             kv_update: function(&module("kv_update")?, "kv_update")?,
+            attention_hd32: function(&attention, "attention_hd32")?,
             attention_hd64: function(&attention, "attention_hd64")?,
             attention_hd128: function(&attention, "attention_hd128")?,
             attention_combine: function(&attention, "attention_combine")?,
@@ -319,11 +321,12 @@ impl Kernels {
             )));
         }
         let kernel = match heads.head_dim {
+            32 => &self.attention_hd32,
             64 => &self.attention_hd64,
             128 => &self.attention_hd128,
             other => {
                 return Err(Error::Device(format!(
-                    "attention: head_dim {other} has no kernel (64 and 128 are built)"
+                    "attention: head_dim {other} has no kernel (32, 64 and 128 are built)"
                 )))
             }
         };

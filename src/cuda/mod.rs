@@ -146,13 +146,13 @@ impl CudaBackend {
     /// Uploads the model's weights to GPU 0 (a progress bar on a terminal).
     pub fn new(model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
-        if config.head_dim != 64 && config.head_dim != 128 {
+        let gpu = Gpu::new()?;
+        if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
-                "head_dim {} has no attention kernel (64 and 128 are built)",
+                "head_dim {} has no attention kernel (32, 64 and 128 are built)",
                 config.head_dim
             )));
         }
-        let gpu = Gpu::new()?;
         let name = gpu.name()?;
         let need = Weights::bytes(&config);
         let free = gpu.free_memory()?;
