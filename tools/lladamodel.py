@@ -124,7 +124,7 @@ def load_config(path):
 
 @torch.no_grad()
 def generate_baseline(model, prompts, mask_id, gen_length=64, block_length=32, steps=64,
-                      pad_id=0, autocast_bf16=False):
+                      pad_id=0, autocast_bf16=False, min_len=0):
     """Baseline LLaDA `generate`: semi-autoregressive blocks, low-confidence
     remasking, greedy argmax (temperature 0), float64 softmax confidences,
     ties -> lower position.  `prompts` is a list of id lists; prompts of
@@ -134,7 +134,7 @@ def generate_baseline(model, prompts, mask_id, gen_length=64, block_length=32, s
     Returns the list of generated id lists (length gen_length each) and NFE."""
     B = len(prompts)
     plens = [len(p) for p in prompts]
-    L = max(plens) + gen_length
+    L = max(max(plens) + gen_length, min_len)
     x = torch.full((B, L), pad_id, dtype=torch.long)
     valid = torch.zeros((B, L), dtype=torch.bool)
     gstart = torch.tensor(plens)

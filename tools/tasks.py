@@ -2,19 +2,24 @@
 """Seeded task generator and character-level tokenizer for the tiny-arith model.
 
 Task family (every answer is a deterministic function of the prompt, the prompt
-always ends with '=' and the answer is what follows it):
+always ends with '=' and the answer is what follows it).  Field widths are
+fixed per task (numbers zero-padded, strings of a fixed length), so each
+output character sits at a constant offset from the prompt characters it
+depends on; this is what lets a 3.5M-parameter model learn the family in a
+few minutes of CPU time.
 
-  add   `add A+B=`      A, B: 1..10 digit non-negative integers (no leading
-                        zeros).  Answer: A+B written with exactly 11 digits,
-                        zero-padded on the left.  `add 4821+937=` -> `00000005758`
-  sort  `sort S=`       S: 8..24 chars from [0-9a-z].  Answer: the characters
-                        of S in ascending ASCII order.  `sort d3a1=` -> `13ad`
-  rev   `rev S=`        S: 8..32 chars from [0-9a-z].  Answer: S reversed.
-  copy  `copy S=`       S: 8..32 chars from [0-9a-z].  Answer: S.
-  rep   `rep N S=`      N in 2..4, S: 2..16 chars from [0-9a-z], 8 <= N*len(S)
-                        <= 64.  Answer: S repeated N times.
+  add   `add AAAAAAAAAA+BBBBBBBBBB=`  A, B: 10-digit zero-padded integers (the
+                        values themselves have 1..10 digits).  Answer: A+B with
+                        exactly 11 digits, zero-padded.
+                        `add 0000004821+0000000937=` -> `00000005758`
+  sort  `sort S=`       S: 16 digits.  Answer: the digits of S in ascending
+                        order.  `sort 9051872346601928=` -> `0011223456678899`
+  rev   `rev S=`        S: 16 chars from [0-9a-z].  Answer: S reversed.
+  copy  `copy S=`       S: 16 chars from [0-9a-z].  Answer: S.
+  rep   `rep N S=`      N in 2..8, S: 8 chars from [0-9a-z].  Answer: S
+                        repeated N times (16..64 chars).
 
-All answers are 8..64 characters long.  After the answer the generation region
+All answers are 11..64 characters long.  After the answer the generation region
 is filled with <|eos|> (LLaDA SFT convention).
 
 Tokenizer: one token per character.  ids 0..94 are the printable ASCII
@@ -83,25 +88,32 @@ def _rand_int(rng, ndig):
     return rng.randint(10 ** (ndig - 1), 10 ** ndig - 1)
 
 
+STR_LEN = 16
+REP_LEN = 8
+DIGITS = "0123456789"
+
+
+def _fixed_str(rng, n, alphabet=ALNUM):
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
 def make_example(rng, task):
     if task == "add":
         a = _rand_int(rng, rng.randint(1, 10))
         b = _rand_int(rng, rng.randint(1, 10))
-        return f"add {a}+{b}=", str(a + b).zfill(ADD_WIDTH)
+        return f"add {a:010d}+{b:010d}=", str(a + b).zfill(ADD_WIDTH)
     if task == "sort":
-        s = _rand_str(rng, 8, 24)
+        s = _fixed_str(rng, STR_LEN, DIGITS)
         return f"sort {s}=", "".join(sorted(s))
     if task == "rev":
-        s = _rand_str(rng, 8, 32)
+        s = _fixed_str(rng, STR_LEN)
         return f"rev {s}=", s[::-1]
     if task == "copy":
-        s = _rand_str(rng, 8, 32)
+        s = _fixed_str(rng, STR_LEN)
         return f"copy {s}=", s
     if task == "rep":
-        n = rng.randint(2, 4)
-        lo = max(2, -(-8 // n))
-        hi = min(16, 64 // n)
-        s = _rand_str(rng, lo, hi)
+        n = rng.randint(2, 8)
+        s = _fixed_str(rng, REP_LEN)
         return f"rep {n} {s}=", s * n
     raise ValueError(task)
 
