@@ -9,16 +9,17 @@
 //! Load a model once and generate many times, each request with its own
 //! decoding configuration:
 //!
-//! ```no_run
+//! ```
 //! use dllm::{CacheMode, DecodeOptions, Device, Engine, Model};
 //!
 //! # fn main() -> dllm::Result<()> {
 //! let model = Model::open("models/tiny-arith".as_ref())?;
 //! let mut engine = Engine::new(model, Device::Cpu)?;
-//! let prompt = engine.encode_prompt("add 4821+937=", false)?;
+//! let prompt = engine.encode_prompt("add 0000004821+0000000937=", false)?;
 //!
 //! // The default is the fast setting: DualCache with threshold 0.9.
-//! let fast = engine.generate(&prompt, &DecodeOptions::default())?;
+//! let options = DecodeOptions { gen_length: 64, steps: 64, ..DecodeOptions::default() };
+//! let fast = engine.generate(&prompt, &options)?;
 //! println!("{} ({} forward passes)", engine.decode_text(&fast.tokens)?, fast.nfe);
 //!
 //! // Streaming-dLLM: prefix cache, a pruned suffix, dynamic threshold, early exit.
@@ -27,7 +28,7 @@
 //!     suffix_window: Some(32),
 //!     confidence_alpha: 0.3,
 //!     early_exit: true,
-//!     ..DecodeOptions::default()
+//!     ..options
 //! };
 //! let out = engine.generate(&prompt, &streaming)?;
 //! println!("{:.1} tokens/s", out.tokens_per_second());
