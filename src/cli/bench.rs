@@ -97,8 +97,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             base.steps
         );
         println!(
-            "{:<20} {:>5} {:>9} {:>9} {:>9} {:>11} {:>9} {:>8}",
-            "strategy", "NFE", "prompt s", "decode s", "total s", "ms/forward", "tok/s", "speedup"
+            "{:<20} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>8}",
+            "strategy",
+            "NFE",
+            "prompt s",
+            "total s",
+            "full fwd ms",
+            "cached ms",
+            "tok/s",
+            "speedup"
         );
     }
     let mut baseline_s = None;
@@ -110,7 +117,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         let out = engine.generate(&prompt, &options)?;
         let total = out.total_time().as_secs_f64();
-        let per_forward = out.decode_time.as_secs_f64() / (out.nfe.max(2) - 1) as f64;
+        let (full_ms, cached_ms) = (out.full_forwards.mean_ms(), out.cached_forwards.mean_ms());
         let speedup = baseline_s.get_or_insert(total).to_owned() / total;
         if args.json {
             println!(
@@ -119,17 +126,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "strategy": name, "nfe": out.nfe, "device": engine.device_name(),
                     "prompt_tokens": args.prompt_length, "gen_length": base.gen_length,
                     "prompt_s": out.prompt_time.as_secs_f64(), "decode_s": out.decode_time.as_secs_f64(),
-                    "total_s": total, "ms_per_cached_forward": per_forward * 1e3,
+                    "total_s": total,
+                    "full_forwards": out.full_forwards.count, "full_forward_ms": full_ms,
+                    "cached_forwards": out.cached_forwards.count, "cached_forward_ms": cached_ms,
                     "tokens_per_s": out.tokens_per_second(), "speedup": speedup,
                 })
             );
         } else {
             println!(
-                "{name:<20} {:>5} {:>9.3} {:>9.3} {total:>9.3} {:>11.1} {:>9.2} {speedup:>7.2}x",
+                "{name:<20} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9.2} {speedup:>7.2}x",
                 out.nfe,
                 out.prompt_time.as_secs_f64(),
-                out.decode_time.as_secs_f64(),
-                per_forward * 1e3,
                 out.tokens_per_second(),
             );
         }

@@ -206,6 +206,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 "decode_s": generation.decode_time.as_secs_f64(),
                 "total_s": generation.total_time().as_secs_f64(),
                 "tokens_per_s": generation.tokens_per_second(),
+                "full_forwards": generation.full_forwards.count,
+                "full_forward_ms": generation.full_forwards.mean_ms(),
+                "cached_forwards": generation.cached_forwards.count,
+                "cached_forward_ms": generation.cached_forwards.mean_ms(),
             },
         });
         if let Some(text) = text {

@@ -298,6 +298,34 @@ pub struct Generation {
     pub decode_time: Duration,
     /// Generated tokens other than EOS (DESIGN §4 counts only these).
     pub non_eos_tokens: usize,
+    /// Forward passes over every kept position (each block's first step, and
+    /// every step without a cache).
+    pub full_forwards: ForwardTime,
+    /// Cached steps: prefix-cache or DualCache forwards.
+    pub cached_forwards: ForwardTime,
+}
+
+/// Count and total wall time of one kind of forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardTime {
+    pub count: usize,
+    pub total: Duration,
+}
+
+impl ForwardTime {
+    fn add(&mut self, time: Duration) {
+        self.count += 1;
+        self.total += time;
+    }
+
+    /// Mean milliseconds per forward (0 when none ran).
+    pub fn mean_ms(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.total.as_secs_f64() * 1e3 / self.count as f64
+        }
+    }
 }
 
 impl Generation {
@@ -335,6 +363,7 @@ pub fn generate(
     let start = Instant::now();
     let mut first_forward: Option<Duration> = None;
     let mut nfe = 0;
+    let (mut full_forwards, mut cached_forwards) = (ForwardTime::default(), ForwardTime::default());
     let blocks = plan.gen_length / plan.block_length;
     for block in 0..blocks {
         let bs = prompt.len() + block * plan.block_length;
@@ -364,7 +393,15 @@ pub fn generate(
                 (_, CacheMode::Prefix) => bs..kept.len(),
                 (_, CacheMode::Dual) => bs..be,
             };
+            let forward_start = Instant::now();
+            let full = queries.start == 0;
             let mut candidates = forward(backend, &plan, &x, &kept, queries, &masked)?;
+            let kind = if full {
+                &mut full_forwards
+            } else {
+                &mut cached_forwards
+            };
+            kind.add(forward_start.elapsed());
             nfe += 1;
             first_forward.get_or_insert_with(|| start.elapsed());
 
@@ -398,6 +435,8 @@ pub fn generate(
         non_eos_tokens: tokens.iter().filter(|&&t| t != plan.eos_id).count(),
         tokens,
         nfe,
+        full_forwards,
+        cached_forwards,
         prompt_time,
         decode_time: total - prompt_time,
     })
