@@ -115,25 +115,9 @@ impl Buffers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Family;
 
     fn llada_8b() -> ModelConfig {
-        ModelConfig {
-            family: Family::Llada,
-            d_model: 4096,
-            n_layers: 32,
-            n_heads: 32,
-            n_kv_heads: 32,
-            head_dim: 128,
-            ffn_hidden: 12288,
-            vocab_size: 126464,
-            rope_theta: 500000.0,
-            rms_eps: 1e-5,
-            max_seq_len: 4096,
-            qkv_bias: false,
-            mask_id: Some(126336),
-            eos_id: Some(126081),
-        }
+        crate::synthetic::preset("llada-8b").unwrap()
     }
 
     #[test]
