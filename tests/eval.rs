@@ -12,10 +12,11 @@ use std::process::{Command, Output};
 use serde_json::{json, Map, Value};
 
 /// Every strategy of the table, in order.
-const STRATEGIES: [&str; 13] = [
+const STRATEGIES: [&str; 14] = [
     "baseline",
     "prefix",
     "dual",
+    "threshold-0.9",
     "dual+threshold-0.9",
     "dual+threshold-0.7",
     "dual+threshold-0.5",

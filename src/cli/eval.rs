@@ -62,8 +62,9 @@ fn parse_limit(s: &str) -> Result<usize, String> {
 }
 
 /// The strategies of the table, as options over a common base (steps =
-/// gen_length, so the fixed schedule commits one token a step). The
-/// threshold and factor rules run with DualCache; the streaming ones with
+/// gen_length, so the fixed schedule commits one token a step). Parallel
+/// decoding runs once without a cache (threshold 0.9), then the threshold and
+/// factor rules run with DualCache; the streaming ones with
 /// the prefix cache, threshold 0.9, a suffix window, one tail position and
 /// early exit; `dual+pruned-w16` is DualCache with the same pruning.
 fn strategies(base: &DecodeOptions) -> Vec<(&'static str, DecodeOptions)> {
@@ -83,6 +84,7 @@ fn strategies(base: &DecodeOptions) -> Vec<(&'static str, DecodeOptions)> {
         ("baseline", with(CacheMode::None, None)),
         ("prefix", with(CacheMode::Prefix, None)),
         ("dual", with(CacheMode::Dual, None)),
+        ("threshold-0.9", with(CacheMode::None, Some(0.9))),
         ("dual+threshold-0.9", with(CacheMode::Dual, Some(0.9))),
         ("dual+threshold-0.7", with(CacheMode::Dual, Some(0.7))),
         ("dual+threshold-0.5", with(CacheMode::Dual, Some(0.5))),
