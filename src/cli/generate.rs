@@ -154,8 +154,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => unreachable!("clap requires --prompt or --prompt-ids"),
     };
-    let has_tokenizer = engine.model().tokenizer.is_some();
-
     let tokenizer = engine.model().tokenizer.clone();
     let generation = if args.json {
         engine.generate(&prompt, &options)?
@@ -189,11 +187,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
 
     if args.json {
-        let text = if has_tokenizer {
-            Some(engine.decode_text(&generation.tokens)?)
-        } else {
-            None
-        };
         let mut out = json!({
             "tokens": generation.tokens,
             "nfe": generation.nfe,
@@ -212,8 +205,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 "cached_forward_ms": generation.cached_forwards.mean_ms(),
             },
         });
-        if let Some(text) = text {
-            out["text"] = text.into();
+        if let Some(tokenizer) = &tokenizer {
+            out["text"] = tokenizer.decode(&generation.tokens, true)?.into();
         }
         println!("{out}");
     }
