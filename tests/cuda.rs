@@ -17,7 +17,7 @@ mod common;
 use std::cell::Cell;
 use std::ops::Range;
 
-use common::{cases, golden_dir, ids, options_for};
+use common::{cases, golden_dir, ids, options_for, prompts};
 use dllm::backend::{Backend, ForwardPass, TokenStats};
 use dllm::cpu::ops::{self, AttentionShape, Rope};
 use dllm::cpu::CpuBackend;
@@ -604,12 +604,7 @@ fn every_golden_strategy_decodes_in_lockstep_with_the_cpu_backend() {
             failures: Vec::new(),
         };
         let golden = cases(name);
-        let prompts: Vec<Vec<u32>> = golden["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(ids)
-            .collect();
+        let prompts = prompts(&golden);
         for case in golden["cases"].as_array().unwrap() {
             let prompt = &prompts[case["prompt"].as_u64().unwrap() as usize];
             dllm::decode::generate(

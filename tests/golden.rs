@@ -6,7 +6,7 @@ mod common;
 use std::ops::Range;
 use std::path::Path;
 
-use common::{cases, golden_dir, ids, options_for, read_npy};
+use common::{cases, golden_dir, ids, options_for, prompts, read_npy};
 use dllm::{Backend, Device, Engine, ForwardPass, Model};
 use serde_json::Value;
 
@@ -85,12 +85,7 @@ fn sharded_checkpoint_gives_the_same_logits() {
 fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
     let mut engine = Engine::new(Model::open(dir).unwrap(), Device::Cpu).unwrap();
     let golden = cases(model_name);
-    let prompts: Vec<Vec<u32>> = golden["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
+    let prompts = prompts(&golden);
     let mut failures = Vec::new();
     let mut robust = 0;
     for case in golden["cases"].as_array().unwrap() {

@@ -28,6 +28,16 @@ pub fn ids(value: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The prompts of a cases.json, indexed by each case's `prompt`.
+pub fn prompts(cases: &Value) -> Vec<Vec<u32>> {
+    cases["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
+}
+
 /// A little-endian float32 `.npy` file: (shape, data).
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
