@@ -81,7 +81,9 @@ enum CacheArg {
     Dual,
 }
 
+/// Dream's own spelling of its algorithms, which scripts pass verbatim.
 #[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
 enum AlgArg {
     MaskgitPlus,
     Entropy,
