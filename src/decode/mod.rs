@@ -40,18 +40,34 @@ pub enum DreamAlg {
 }
 
 impl DreamAlg {
+    pub fn name(self) -> &'static str {
+        match self {
+            DreamAlg::MaskgitPlus => "maskgit_plus",
+            DreamAlg::Entropy => "entropy",
+            DreamAlg::TopkMargin => "topk_margin",
+            DreamAlg::ConfidenceThreshold => "confidence_threshold",
+        }
+    }
+
+    pub const ALL: [DreamAlg; 4] = [
+        DreamAlg::MaskgitPlus,
+        DreamAlg::Entropy,
+        DreamAlg::TopkMargin,
+        DreamAlg::ConfidenceThreshold,
+    ];
+
+    /// The algorithm named as Dream's sampler spells it.
     pub fn parse(name: &str) -> Result<DreamAlg> {
-        Ok(match name {
-            "maskgit_plus" => DreamAlg::MaskgitPlus,
-            "entropy" => DreamAlg::Entropy,
-            "topk_margin" => DreamAlg::TopkMargin,
-            "confidence_threshold" => DreamAlg::ConfidenceThreshold,
-            other => {
-                return Err(Error::invalid(format!(
-                    "unknown alg {other:?}: expected maskgit_plus, entropy, topk_margin or confidence_threshold"
-                )))
-            }
-        })
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|a| a.name()).collect();
+                Error::invalid(format!(
+                    "unknown alg {name:?}: expected one of {}",
+                    names.join(", ")
+                ))
+            })
     }
 }
 
@@ -220,53 +236,7 @@ impl Plan {
         }
         let steps_per_block = o.steps / blocks;
         let dream = config.family == Family::Dream;
-        let (rule, score) = if dream {
-            let alg = o.alg.unwrap_or(if o.threshold.is_some() {
-                DreamAlg::ConfidenceThreshold
-            } else {
-                DreamAlg::Entropy
-            });
-            let score = match alg {
-                DreamAlg::MaskgitPlus | DreamAlg::ConfidenceThreshold => Score::Probability,
-                DreamAlg::Entropy => Score::NegEntropy,
-                DreamAlg::TopkMargin => Score::Margin,
-            };
-            let rule = match (alg, o.threshold, o.factor) {
-                (DreamAlg::ConfidenceThreshold, None, _) => {
-                    return invalid("alg confidence_threshold needs a threshold".into())
-                }
-                (DreamAlg::ConfidenceThreshold, Some(tau), _) if o.cache == CacheMode::None => {
-                    Rule::CarryThreshold(tau)
-                }
-                (DreamAlg::ConfidenceThreshold, Some(tau), _) => Rule::Threshold {
-                    tau,
-                    alpha: o.confidence_alpha,
-                },
-                (_, Some(_), _) => {
-                    return invalid(format!(
-                        "a threshold goes with alg confidence_threshold, not {alg:?}"
-                    ))
-                }
-                (_, None, Some(f)) => Rule::Factor(f),
-                (_, None, None) => Rule::Timestep { eps: DREAM_EPS },
-            };
-            (rule, score)
-        } else {
-            if o.alg.is_some() {
-                return invalid(
-                    "--alg selects one of Dream's samplers; this is a LLaDA model".into(),
-                );
-            }
-            let rule = match (o.threshold, o.factor) {
-                (Some(tau), _) => Rule::Threshold {
-                    tau,
-                    alpha: o.confidence_alpha,
-                },
-                (None, Some(f)) => Rule::Factor(f),
-                (None, None) => Rule::Schedule,
-            };
-            (rule, Score::Probability)
-        };
+        let (rule, score) = transfer_rule(o, config.family)?;
         Ok(Plan {
             gen_length: o.gen_length,
             block_length: o.block_length,
@@ -283,6 +253,56 @@ impl Plan {
             first_step_commits_first_position: dream && o.cache != CacheMode::None,
         })
     }
+}
+
+/// The transfer rule and confidence score `options` ask for on `family`.
+fn transfer_rule(o: &DecodeOptions, family: Family) -> Result<(Rule, Score)> {
+    let fixed_or_factor = match o.factor {
+        Some(f) => Rule::Factor(f),
+        None => Rule::Schedule,
+    };
+    let threshold = |tau| Rule::Threshold {
+        tau,
+        alpha: o.confidence_alpha,
+    };
+    if family == Family::Llada {
+        if o.alg.is_some() {
+            return Err(Error::invalid(
+                "--alg selects one of Dream's samplers; this is a LLaDA model",
+            ));
+        }
+        let rule = o.threshold.map_or(fixed_or_factor, threshold);
+        return Ok((rule, Score::Probability));
+    }
+    let alg = o.alg.unwrap_or(match o.threshold {
+        Some(_) => DreamAlg::ConfidenceThreshold,
+        None => DreamAlg::Entropy,
+    });
+    let score = match alg {
+        DreamAlg::MaskgitPlus | DreamAlg::ConfidenceThreshold => Score::Probability,
+        DreamAlg::Entropy => Score::NegEntropy,
+        DreamAlg::TopkMargin => Score::Margin,
+    };
+    let rule = match (alg, o.threshold) {
+        (DreamAlg::ConfidenceThreshold, None) => {
+            return Err(Error::invalid("alg confidence_threshold needs a threshold"))
+        }
+        // Without a cache Dream's own sampler carries rejected tokens over.
+        (DreamAlg::ConfidenceThreshold, Some(tau)) if o.cache == CacheMode::None => {
+            Rule::CarryThreshold(tau)
+        }
+        (DreamAlg::ConfidenceThreshold, Some(tau)) => threshold(tau),
+        (_, Some(_)) => {
+            return Err(Error::invalid(format!(
+                "a threshold goes with alg confidence_threshold, not {}",
+                alg.name()
+            )))
+        }
+        // Dream's samplers count by its time grid; a factor replaces that.
+        (_, None) if o.factor.is_some() => fixed_or_factor,
+        (_, None) => Rule::Timestep { eps: DREAM_EPS },
+    };
+    Ok((rule, score))
 }
 
 /// The result of one request.
