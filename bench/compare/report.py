@@ -153,6 +153,14 @@ def plot(rows: list[dict], path: Path, device_label: str) -> None:
     plt.close(fig)
 
 
+def first_case_per(rows, key):
+    """The first row's case for each distinct value of case[key], in order."""
+    seen = {}
+    for r in rows:
+        seen.setdefault(r["case"][key], r["case"])
+    return list(seen.values())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, type=Path)
@@ -339,18 +347,10 @@ def main(argv=None) -> int:
     L.append("## Commands")
     L.append("")
     L.append(f"- Whole comparison: `{env.get('command', 'bash bench/compare/run.sh')}`")
-    seen = set()
-    for r in rows:
-        c = r["case"]
-        if c["impl"] not in seen:
-            seen.add(c["impl"])
-            L.append(f"- Reference ({c['impl']}): `{c.get('ref_command', '')}` (cases from cases.json)")
-    seen = set()
-    for r in rows:
-        c = r["case"]
-        if c["strategy"] not in seen:
-            seen.add(c["strategy"])
-            L.append(f"- dllm, {c['strategy']} (e.g. {c['id']}): `{plan.short_argv(c['dllm_argv'])}`")
+    for c in first_case_per(rows, "impl"):
+        L.append(f"- Reference ({c['impl']}): `{c.get('ref_command', '')}` (cases from cases.json)")
+    for c in first_case_per(rows, "strategy"):
+        L.append(f"- dllm, {c['strategy']} (e.g. {c['id']}): `{plan.short_argv(c['dllm_argv'])}`")
     L.append("")
     if shims:
         L.append("## Compatibility shims in force (bench/compare/refcompat.py, ref_driver.py)")
