@@ -10,6 +10,13 @@
 //!
 //! Targets: sm_90a (H100/H200), plus sm_80 with `DLLM_CUDA_SM80=1`. Every
 //! compiler and assembler warning is an error.
+//!
+//! The same kernel sources are compiled a second time for the host, into the
+//! emulated device (kernels/emulator/, docs/cuda.md): a `libcuda.so` with the
+//! kernels, their fiber runtime and the driver entry points, and a
+//! `libcublasLt.so`, both embedded in the binary. The host compiler comes from
+//! the `cc` crate; the CUDA headers (`cuda.h`, `cuda_bf16.h`) from nvcc's
+//! installation.
 
 use std::env;
 use std::fmt::Write as _;
@@ -20,6 +27,7 @@ const WHEEL_NVCC: &str = "nvidia/cu13/bin/nvcc";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(dllm_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(dllm_emulator)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels");
     for var in [
@@ -81,6 +89,177 @@ fn main() {
     table.push_str("];\n");
     std::fs::write(out.join("kernels.rs"), table).expect("cannot write OUT_DIR/kernels.rs");
     println!("cargo::rustc-cfg=dllm_kernels");
+
+    let include = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("include"))
+        .filter(|dir| dir.join("cuda.h").is_file() && dir.join("cuda_bf16.h").is_file());
+    match include {
+        Some(include) => emulator::build(&manifest.join("kernels"), &sources, &include, &out),
+        None => println!(
+            "cargo::warning=no cuda.h beside {}: building without the emulated device",
+            nvcc.display()
+        ),
+    }
+}
+
+/// The emulated device: see kernels/emulator/device.h.
+mod emulator {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// Section the host build puts `__global__` functions in (device.h).
+    const KERNEL_SECTION: &str = ".text.dllm_kernel";
+
+    pub fn build(kernels: &Path, sources: &[PathBuf], include: &Path, out: &Path) {
+        let dir = out.join("emulator");
+        std::fs::create_dir_all(&dir).expect("cannot create OUT_DIR/emulator");
+        let emulator = kernels.join("emulator");
+        let compiler = cc::Build::new().cpp(true).get_compiler();
+        let host = Host {
+            compiler: compiler.path().to_path_buf(),
+            include: include.to_path_buf(),
+            kernels: kernels.to_path_buf(),
+            emulator: emulator.clone(),
+        };
+
+        let kernel_objects: Vec<PathBuf> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = sources
+                .iter()
+                .map(|src| {
+                    let (host, dir) = (&host, &dir);
+                    scope.spawn(move || host.kernel(src, dir))
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|job| job.join().expect("host compiler thread panicked"))
+                .collect()
+        });
+        let object = |name: &str| host.compile(&emulator.join(name), &dir, &[]);
+        let driver = dir.join("libcuda.so");
+        let mut objects = kernel_objects;
+        objects.extend([object("runtime.cc"), object("driver.cc")]);
+        host.link(&driver, "libcuda.so", &objects);
+        let blas = dir.join("libcublasLt.so");
+        host.link(
+            &blas,
+            "libcublasLt.so",
+            &[object("cublaslt.cc"), driver.clone()],
+        );
+
+        std::fs::write(
+            out.join("emulator.rs"),
+            format!(
+                "/// The emulated driver (kernels, fiber runtime, driver API).\n\
+                 const DRIVER: &[u8] = include_bytes!({:?});\n\
+                 /// The emulated cuBLASLt.\n\
+                 const CUBLASLT: &[u8] = include_bytes!({:?});\n",
+                driver.display().to_string(),
+                blas.display().to_string()
+            ),
+        )
+        .expect("cannot write OUT_DIR/emulator.rs");
+        println!("cargo::rustc-cfg=dllm_emulator");
+    }
+
+    struct Host {
+        compiler: PathBuf,
+        include: PathBuf,
+        kernels: PathBuf,
+        emulator: PathBuf,
+    }
+
+    impl Host {
+        fn run(&self, command: &mut Command, what: &Path) {
+            let output = command
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.compiler.display()));
+            if !output.status.success() {
+                panic!(
+                    "host build of {} failed:\n{}{}",
+                    what.display(),
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+
+        /// Compiles C++17 `src` for the shared libraries; `extra` flags first.
+        fn compile(&self, src: &Path, dir: &Path, extra: &[&str]) -> PathBuf {
+            let stem = src.file_name().expect("a source file").to_string_lossy();
+            let object = dir.join(format!("{stem}.o"));
+            self.run(
+                Command::new(&self.compiler)
+                    .args(extra)
+                    .args(["-x", "c++", "-std=c++17", "-O2", "-g", "-fPIC"])
+                    .args(["-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing"])
+                    .arg("-I")
+                    .arg(&self.include)
+                    .arg("-I")
+                    .arg(&self.kernels)
+                    .arg("-I")
+                    .arg(&self.emulator)
+                    .arg("-c")
+                    .arg(src)
+                    .arg("-o")
+                    .arg(&object),
+                src,
+            );
+            object
+        }
+
+        /// A kernel file compiled for the host with every `__global__`
+        /// function registered. A first compile lists the kernels (the
+        /// functions in `KERNEL_SECTION`); the second appends one
+        /// registration per kernel, in the translation unit that defines it,
+        /// so that its launcher is typed by the real signature.
+        fn kernel(&self, src: &Path, dir: &Path) -> PathBuf {
+            let device = self.emulator.join("device.h");
+            let kernel_flags = [
+                "-include",
+                device.to_str().expect("a UTF-8 path"),
+                "-fvisibility=hidden",
+                // `#pragma unroll` is a hint for nvcc only.
+                "-Wno-unknown-pragmas",
+            ];
+            let probe = self.compile(src, dir, &kernel_flags);
+            let listing = Command::new("objdump")
+                .arg("-t")
+                .arg(&probe)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run objdump (binutils): {e}"));
+            let names: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+                .lines()
+                .filter(|line| line.contains(KERNEL_SECTION) && line.contains(" F "))
+                .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
+                .collect();
+            assert!(!names.is_empty(), "{} defines no kernel", src.display());
+            let stem = src.file_stem().expect("a .cu file").to_string_lossy();
+            let unit = dir.join(format!("{stem}.registered.cc"));
+            let mut text = format!(
+                "#include {:?}\n#include \"runtime.h\"\n",
+                src.display().to_string()
+            );
+            for name in &names {
+                text.push_str(&format!("DLLM_EMU_KERNEL({name})\n"));
+            }
+            std::fs::write(&unit, text).expect("cannot write a registration unit");
+            self.compile(&unit, dir, &kernel_flags)
+        }
+
+        fn link(&self, library: &Path, soname: &str, inputs: &[PathBuf]) {
+            self.run(
+                Command::new(&self.compiler)
+                    .args(["-shared", "-pthread"])
+                    .arg(format!("-Wl,-soname,{soname}"))
+                    .arg("-o")
+                    .arg(library)
+                    .args(inputs),
+                library,
+            );
+        }
+    }
 }
 
 fn kernel_sources(dir: &Path) -> Vec<PathBuf> {

@@ -22,6 +22,7 @@
 //! without CUDA. docs/cuda.md has the design notes.
 
 mod buffers;
+mod driver;
 mod gemm;
 pub mod kernels;
 mod weights;
@@ -38,6 +39,7 @@ pub use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use buffers::{Buffers, Footprint, HEAD_ROWS};
+pub use driver::{Driver, ENV as DRIVER_ENV};
 pub use gemm::Gemm;
 pub use kernels::{AttentionScratch, AttentionSplit, Heads, Kernels, RowStats, KERNELS_BUILT};
 use weights::Weights;
@@ -56,12 +58,20 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens GPU 0. Every missing piece (kernels in this build, driver,
-    /// cuBLASLt, a GPU) is reported as an [`Error::Device`] that says what to do.
+    /// Opens GPU 0 of the driver `DLLM_CUDA` selects (the hardware's unless
+    /// it says `emulated`).
     pub fn new() -> Result<Gpu> {
+        Gpu::open(Driver::from_env()?)
+    }
+
+    /// Opens GPU 0 of `driver`. Every missing piece (kernels in this build,
+    /// driver, cuBLASLt, a GPU) is reported as an [`Error::Device`] that says
+    /// what to do.
+    pub fn open(driver: Driver) -> Result<Gpu> {
         if !KERNELS_BUILT {
             return Err(no_kernels_error());
         }
+        driver.activate()?;
         // SAFETY: these only try to dlopen the libraries.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::Device(
@@ -143,10 +153,15 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    /// Uploads the model's weights to GPU 0 (a progress bar on a terminal).
+    /// Uploads the model's weights to GPU 0 of the driver `DLLM_CUDA` selects
+    /// (a progress bar on a terminal).
     pub fn new(model: &Model) -> Result<CudaBackend> {
+        CudaBackend::on(Gpu::new()?, model)
+    }
+
+    /// Uploads the model's weights to `gpu`.
+    pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
-        let gpu = Gpu::new()?;
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
                 "head_dim {} has no attention kernel (32, 64 and 128 are built)",

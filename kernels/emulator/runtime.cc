@@ -1,0 +1,377 @@
+// Runs a grid on the host. Blocks are spread over a pool of host threads; the
+// threads of one block are fibers on one host thread. A fiber runs until it
+// reaches a barrier (__syncthreads, __syncwarp, a shuffle) or exits; when
+// every fiber of the block stands at a barrier, the scheduler releases the
+// barriers that are complete (a warp's shuffle once all lanes of its mask have
+// offered their value, __syncthreads once every thread that has not exited is
+// there) and runs them again. A barrier that can never complete (threads at
+// different barriers, a shuffle naming a lane that exited) fails the launch
+// with a description instead of hanging.
+#include "runtime.h"
+
+#include <sys/mman.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+#include "device.h"
+
+// The context switch: saves the callee-saved registers and the floating-point
+// control words on the current stack, stores the stack pointer in *save and
+// continues on `load`. A new fiber's stack is laid out so that the first
+// switch to it "returns" into emu_fiber_start, which calls r13(r12).
+extern "C" void emu_switch(void** save, void* load);
+extern "C" void emu_fiber_start();
+#if defined(__x86_64__)
+asm(R"(
+  .text
+  .p2align 4
+  .globl emu_switch
+  .hidden emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw (%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+
+  .p2align 4
+  .globl emu_fiber_start
+  .hidden emu_fiber_start
+  .type emu_fiber_start, @function
+emu_fiber_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size emu_fiber_start, .-emu_fiber_start
+)");
+#else
+#error "the emulated device's fibers are written for x86-64"
+#endif
+
+namespace emu {
+
+thread_local const ThreadIndex* current = nullptr;
+
+namespace {
+
+std::vector<Kernel>& registry() {
+  static std::vector<Kernel> kernels;
+  return kernels;
+}
+
+constexpr size_t STACK_BYTES = 64 * 1024;
+constexpr size_t PAGE = 4096;
+constexpr unsigned WARP = 32;
+
+enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Exited };
+
+struct Fiber {
+  ThreadIndex index;
+  void* sp = nullptr;
+  State state = State::Ready;
+  // A warp barrier's offer and what the lane received.
+  unsigned mask = 0;
+  uint64_t value = 0, received = 0;
+  int source = 0;
+};
+
+// One host thread's fibers and their stacks, reused from block to block.
+struct Worker {
+  std::vector<Fiber> fibers;
+  std::vector<char*> stacks;  // each with a guard page below it
+  void* scheduler_sp = nullptr;
+  Fiber* running = nullptr;
+  const Launch* launch = nullptr;
+  std::string error;
+
+  char* stack(size_t i) {
+    while (stacks.size() <= i) {
+      void* p = mmap(nullptr, STACK_BYTES + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+      if (p == MAP_FAILED) {
+        std::perror("dllm emulated device: fiber stack");
+        std::abort();
+      }
+      mprotect(p, PAGE, PROT_NONE);
+      stacks.push_back(static_cast<char*>(p) + PAGE);
+    }
+    return stacks[i];
+  }
+};
+
+thread_local Worker worker;
+
+void fiber_main(Fiber* fiber) {
+  worker.launch->kernel->invoke(worker.launch->kernel->function, worker.launch->params);
+  fiber->state = State::Exited;
+  emu_switch(&fiber->sp, worker.scheduler_sp);
+}
+
+void* initial_stack(char* stack, Fiber* fiber) {
+  // See emu_switch: from sp, the control words, r15, r14, r13, r12, rbx, rbp
+  // and the return address; sp % 16 == 8 so that the call in emu_fiber_start
+  // enters fiber_main with the ABI's alignment.
+  uint64_t* sp = reinterpret_cast<uint64_t*>(stack + STACK_BYTES - 88);
+  const uint32_t control[2] = {0x037F, 0x1F80};  // x87: round to nearest; SSE: same, no FTZ
+  std::memcpy(sp, control, sizeof control);
+  sp[2] = sp[3] = 0;                                      // r15, r14
+  sp[4] = reinterpret_cast<uint64_t>(&fiber_main);        // r13
+  sp[5] = reinterpret_cast<uint64_t>(fiber);              // r12
+  sp[6] = sp[7] = 0;                                      // rbx, rbp
+  sp[8] = reinterpret_cast<uint64_t>(&emu_fiber_start);  // return address
+  return sp;
+}
+
+void yield(State state) {
+  Fiber* fiber = worker.running;
+  fiber->state = state;
+  emu_switch(&fiber->sp, worker.scheduler_sp);
+}
+
+std::string describe(const Fiber& f) {
+  char text[96];
+  std::snprintf(text, sizeof text, "thread (%u,%u,%u) of block (%u,%u,%u)", f.index.thread.x,
+                f.index.thread.y, f.index.thread.z, f.index.block.x, f.index.block.y,
+                f.index.block.z);
+  return text;
+}
+
+// Releases the complete warp barriers of warp `w`: a group of lanes waiting
+// with the same mask, once every lane of the mask is waiting with it.
+// Returns an error for a barrier that can never complete.
+std::string release_warp(std::vector<Fiber>& fibers, size_t w) {
+  const size_t first = w * WARP, end = std::min(fibers.size(), first + WARP);
+  for (size_t i = first; i < end; ++i) {
+    const Fiber& f = fibers[i];
+    if (f.state != State::AtWarpBarrier) continue;
+    bool complete = true;
+    for (unsigned lane = 0; lane < WARP; ++lane) {
+      if (!(f.mask >> lane & 1)) continue;
+      if (first + lane >= end || fibers[first + lane].state == State::Exited) {
+        return describe(f) + ": warp-synchronous call whose mask names lane " +
+               std::to_string(lane) + ", which " +
+               (first + lane >= end ? "does not exist" : "has exited");
+      }
+      const Fiber& other = fibers[first + lane];
+      if (other.state != State::AtWarpBarrier) {
+        complete = false;
+      } else if (other.mask != f.mask) {
+        return describe(f) + " and " + describe(other) +
+               ": warp-synchronous calls with different masks";
+      }
+    }
+    if (!complete) continue;
+    for (unsigned lane = 0; lane < WARP; ++lane) {
+      if (!(f.mask >> lane & 1)) continue;
+      Fiber& member = fibers[first + lane];
+      const unsigned source = static_cast<unsigned>(member.source);
+      if (!(f.mask >> source & 1)) {
+        return describe(member) + ": shuffle reads lane " + std::to_string(source) +
+               ", outside its mask";
+      }
+      member.received = fibers[first + source].value;
+    }
+    for (unsigned lane = 0; lane < WARP; ++lane)
+      if (f.mask >> lane & 1) fibers[first + lane].state = State::Ready;
+  }
+  return {};
+}
+
+// Runs one block to completion; false (with worker.error set) if it cannot.
+bool run_block(const Launch& launch, uint3 block) {
+  const dim3 bd = launch.block;
+  const size_t threads = (size_t)bd.x * bd.y * bd.z;
+  std::vector<Fiber>& fibers = worker.fibers;
+  fibers.assign(threads, Fiber{});
+  for (size_t t = 0; t < threads; ++t) {
+    Fiber& f = fibers[t];
+    f.index = ThreadIndex{make_uint3(t % bd.x, t / bd.x % bd.y, t / ((size_t)bd.x * bd.y)), block,
+                          bd, launch.grid};
+    f.sp = initial_stack(worker.stack(t), &f);
+  }
+  const size_t warps = (threads + WARP - 1) / WARP;
+  for (;;) {
+    bool ran = false;
+    for (Fiber& f : fibers) {
+      if (f.state != State::Ready) continue;
+      ran = true;
+      worker.running = &f;
+      current = &f.index;
+      emu_switch(&worker.scheduler_sp, f.sp);
+    }
+    size_t exited = 0, at_block = 0;
+    for (const Fiber& f : fibers) {
+      exited += f.state == State::Exited;
+      at_block += f.state == State::AtBlockBarrier;
+    }
+    if (exited == threads) return true;
+    for (size_t w = 0; w < warps; ++w) {
+      std::string error = release_warp(fibers, w);
+      if (!error.empty()) {
+        worker.error = std::move(error);
+        return false;
+      }
+    }
+    if (at_block + exited == threads) {
+      for (Fiber& f : fibers)
+        if (f.state == State::AtBlockBarrier) f.state = State::Ready;
+      continue;
+    }
+    bool released = false;
+    for (const Fiber& f : fibers) released |= f.state == State::Ready;
+    if (!released && !ran) {
+      worker.error = "deadlock: " + std::to_string(at_block) +
+                     " threads wait at __syncthreads while others wait at a warp barrier";
+      return false;
+    }
+  }
+}
+
+// Host threads that run the blocks of a launch with the launching thread.
+class Pool {
+ public:
+  Pool() {
+    unsigned n = std::thread::hardware_concurrency();
+    if (const char* env = std::getenv("DLLM_EMU_THREADS")) n = (unsigned)std::atoi(env);
+    for (unsigned i = 1; i < std::max(n, 1u); ++i) threads_.emplace_back([this] { serve(); });
+  }
+
+  std::string run(const Launch& launch) {
+    std::lock_guard<std::mutex> one_launch(launching_);
+    const size_t blocks = (size_t)launch.grid.x * launch.grid.y * launch.grid.z;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      launch_ = &launch;
+      blocks_ = blocks;
+      next_ = 0;
+      busy_ = threads_.size();
+      error_.clear();
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    launch_ = nullptr;
+    return error_;
+  }
+
+ private:
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+      }
+      work();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_all();
+    }
+  }
+
+  void work() {
+    const Launch& launch = *launch_;
+    worker.launch = &launch;
+    const dim3 g = launch.grid;
+    for (size_t b; (b = next_.fetch_add(1)) < blocks_;) {
+      const uint3 block = make_uint3(b % g.x, b / g.x % g.y, b / ((size_t)g.x * g.y));
+      if (!run_block(launch, block)) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (error_.empty()) error_ = worker.error;
+        next_ = blocks_;  // stop handing out blocks
+      }
+    }
+    current = nullptr;
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex launching_, mutex_;
+  std::condition_variable wake_, done_;
+  const Launch* launch_ = nullptr;
+  size_t blocks_ = 0;
+  std::atomic<size_t> next_{0};
+  size_t busy_ = 0;
+  uint64_t generation_ = 0;
+  std::string error_;
+};
+
+}  // namespace
+
+void register_kernel(Kernel kernel) { registry().push_back(std::move(kernel)); }
+
+const Kernel* find_kernel(const char* name) {
+  for (const Kernel& k : registry())
+    if (std::strcmp(k.name, name) == 0) return &k;
+  return nullptr;
+}
+
+std::string run(const Launch& launch) {
+  static Pool* pool = new Pool;  // never destroyed: its threads outlive static destructors
+  return pool->run(launch);
+}
+
+const char* running_kernel() { return current ? worker.launch->kernel->name : nullptr; }
+
+unsigned lane_id() {
+  const ThreadIndex& i = *current;
+  const size_t linear =
+      i.thread.x + (size_t)i.block_dim.x * (i.thread.y + (size_t)i.block_dim.y * i.thread.z);
+  return (unsigned)(linear % WARP);
+}
+
+void sync_block() { yield(State::AtBlockBarrier); }
+
+void sync_warp(unsigned mask) { exchange(mask, 0, (int)lane_id()); }
+
+uint64_t exchange(unsigned mask, uint64_t value, int source) {
+  Fiber* fiber = worker.running;
+  fiber->mask = mask;
+  fiber->value = value;
+  fiber->source = source;
+  yield(State::AtWarpBarrier);
+  return fiber->received;
+}
+
+int shuffle_source(Shuffle kind, int lane, int operand, int width) {
+  const int segment = lane / width * width;
+  switch (kind) {
+    case Shuffle::Index:
+      return segment + operand % width;
+    case Shuffle::Up:
+      return lane - operand >= segment ? lane - operand : lane;
+    case Shuffle::Down:
+      return lane + operand < segment + width ? lane + operand : lane;
+    case Shuffle::Xor: {
+      const int source = lane ^ operand;
+      return source < segment + width ? source : lane;
+    }
+  }
+  return lane;
+}
+
+}  // namespace emu
