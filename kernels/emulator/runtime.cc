@@ -135,8 +135,9 @@ void* initial_stack(char* stack, Fiber* fiber) {
   // and the return address; sp % 16 == 8 so that the call in emu_fiber_start
   // enters fiber_main with the ABI's alignment.
   uint64_t* sp = reinterpret_cast<uint64_t*>(stack + STACK_BYTES - 88);
-  const uint32_t control[2] = {0x037F, 0x1F80};  // x87: round to nearest; SSE: same, no FTZ
-  std::memcpy(sp, control, sizeof control);
+  // x87 and SSE: round to nearest, every exception masked, no flush to zero.
+  sp[0] = 0x037F;  // fldcw reads 16 bits at sp
+  sp[1] = 0x1F80;  // ldmxcsr reads 32 bits at sp + 8
   sp[2] = sp[3] = 0;                                      // r15, r14
   sp[4] = reinterpret_cast<uint64_t>(&fiber_main);        // r13
   sp[5] = reinterpret_cast<uint64_t>(fiber);              // r12
