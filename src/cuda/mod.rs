@@ -386,6 +386,7 @@ impl Backend for CudaBackend {
             slots,
             self.gpu.kernels.sms,
         )?);
+        self.slots = slots;
         Ok(())
     }
 
