@@ -41,6 +41,7 @@ fn main() {
     }
 
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    embed_commit(&manifest);
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let sources = kernel_sources(&manifest.join("kernels"));
 
@@ -260,6 +261,27 @@ mod emulator {
             );
         }
     }
+}
+
+/// `DLLM_COMMIT`: the commit the binary is built from, so that a copy run on
+/// a machine without the repository (a GPU host) still says what it is.
+fn embed_commit(manifest: &Path) {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(manifest)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        for watched in ["HEAD", "refs/heads", "packed-refs"] {
+            println!("cargo::rerun-if-changed={dir}/{watched}");
+        }
+    }
+    println!("cargo::rustc-env=DLLM_COMMIT={commit}");
 }
 
 fn kernel_sources(dir: &Path) -> Vec<PathBuf> {

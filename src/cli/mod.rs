@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(
     name = "dllm",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DLLM_COMMIT"), ")"),
     about = "A fast runtime for diffusion language models"
 )]
 pub struct Cli {
