@@ -44,29 +44,55 @@ namespace emu {
 struct ThreadIndex {
   uint3 thread, block;
   dim3 block_dim, grid_dim;
+  unsigned lane;  // the thread's lane in its warp (threads are numbered x fastest)
 };
 
-// The index of the fiber running on this host thread (set by the scheduler).
-extern thread_local const ThreadIndex* current;
+// Each fiber's stack is a FIBER_STACK_BYTES-aligned slot whose top holds
+// this record, so a thread finds itself from its stack pointer: a mask and a
+// load, where a thread-local in a shared library would cost a call.
+constexpr uintptr_t FIBER_STACK_BYTES = 64 * 1024;
+struct FiberTop {
+  const ThreadIndex* index;
+  void* fiber;  // the runtime's Fiber
+};
+
+inline const FiberTop& fiber_top() {
+  char here;
+  const uintptr_t slot = reinterpret_cast<uintptr_t>(&here) & ~(FIBER_STACK_BYTES - 1);
+  return *reinterpret_cast<const FiberTop*>(slot + FIBER_STACK_BYTES - sizeof(FiberTop));
+}
 
 void sync_block();
 void sync_warp(unsigned mask);
 // Exchanges 8 bytes with the lanes of `mask`: every lane of the mask must
 // arrive; each receives the value that lane `source` offered.
 uint64_t exchange(unsigned mask, uint64_t value, int source);
-unsigned lane_id();
 
 // The lane a shuffle reads, by CUDA's rules for a `width`-lane segment; a
 // lane whose source falls outside its segment reads its own value.
 enum class Shuffle { Index, Up, Down, Xor };
-int shuffle_source(Shuffle kind, int lane, int operand, int width);
+inline int shuffle_source(Shuffle kind, int lane, int operand, int width) {
+  const int segment = lane / width * width;
+  switch (kind) {
+    case Shuffle::Index:
+      return segment + operand % width;
+    case Shuffle::Up:
+      return lane - operand >= segment ? lane - operand : lane;
+    case Shuffle::Down:
+      return lane + operand < segment + width ? lane + operand : lane;
+    case Shuffle::Xor:
+      break;
+  }
+  const int source = lane ^ operand;
+  return source < segment + width ? source : lane;
+}
 
 template <class T>
 T shuffle(Shuffle kind, unsigned mask, T value, int operand, int width) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffle moves at most 8 bytes");
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
-  bits = exchange(mask, bits, shuffle_source(kind, (int)lane_id(), operand, width));
+  bits = exchange(mask, bits, shuffle_source(kind, (int)fiber_top().index->lane, operand, width));
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
@@ -74,10 +100,10 @@ T shuffle(Shuffle kind, unsigned mask, T value, int operand, int width) {
 
 }  // namespace emu
 
-#define threadIdx (::emu::current->thread)
-#define blockIdx (::emu::current->block)
-#define blockDim (::emu::current->block_dim)
-#define gridDim (::emu::current->grid_dim)
+#define threadIdx (::emu::fiber_top().index->thread)
+#define blockIdx (::emu::fiber_top().index->block)
+#define blockDim (::emu::fiber_top().index->block_dim)
+#define gridDim (::emu::fiber_top().index->grid_dim)
 
 inline void __syncthreads() { ::emu::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::sync_warp(mask); }

@@ -73,8 +73,6 @@ emu_fiber_start:
 
 namespace emu {
 
-thread_local const ThreadIndex* current = nullptr;
-
 namespace {
 
 std::vector<Kernel>& registry() {
@@ -82,8 +80,8 @@ std::vector<Kernel>& registry() {
   return kernels;
 }
 
-constexpr size_t STACK_BYTES = 64 * 1024;
 constexpr size_t PAGE = 4096;
+constexpr size_t MAX_THREADS = MAX_THREADS_PER_BLOCK;
 constexpr unsigned WARP = 32;
 
 enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Exited };
@@ -91,6 +89,8 @@ enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Exited };
 struct Fiber {
   ThreadIndex index;
   void* sp = nullptr;
+  void** scheduler_sp = nullptr;
+  const Launch* launch = nullptr;
   State state = State::Ready;
   // A warp barrier's offer and what the lane received.
   unsigned mask = 0;
@@ -98,43 +98,51 @@ struct Fiber {
   int source = 0;
 };
 
-// One host thread's fibers and their stacks, reused from block to block.
+// One host thread's fibers and their stacks, reused from block to block:
+// MAX_THREADS aligned slots, each with a guard page at its bottom.
 struct Worker {
   std::vector<Fiber> fibers;
-  std::vector<char*> stacks;  // each with a guard page below it
+  char* slots = nullptr;
   void* scheduler_sp = nullptr;
-  Fiber* running = nullptr;
   const Launch* launch = nullptr;
   std::string error;
 
-  char* stack(size_t i) {
-    while (stacks.size() <= i) {
-      void* p = mmap(nullptr, STACK_BYTES + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                     -1, 0);
+  char* slot(size_t i) {
+    if (!slots) {
+      const size_t bytes = MAX_THREADS * FIBER_STACK_BYTES;
+      void* p = mmap(nullptr, bytes + FIBER_STACK_BYTES, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED) {
-        std::perror("dllm emulated device: fiber stack");
+        std::perror("dllm emulated device: fiber stacks");
         std::abort();
       }
-      mprotect(p, PAGE, PROT_NONE);
-      stacks.push_back(static_cast<char*>(p) + PAGE);
+      const uintptr_t aligned =
+          (reinterpret_cast<uintptr_t>(p) + FIBER_STACK_BYTES - 1) & ~(FIBER_STACK_BYTES - 1);
+      slots = reinterpret_cast<char*>(aligned);
+      for (size_t t = 0; t < MAX_THREADS; ++t) mprotect(slots + t * FIBER_STACK_BYTES, PAGE, PROT_NONE);
     }
-    return stacks[i];
+    return slots + i * FIBER_STACK_BYTES;
   }
 };
 
 thread_local Worker worker;
 
+Fiber& running() { return *static_cast<Fiber*>(fiber_top().fiber); }
+
 void fiber_main(Fiber* fiber) {
-  worker.launch->kernel->invoke(worker.launch->kernel->function, worker.launch->params);
+  fiber->launch->kernel->invoke(fiber->launch->kernel->function, fiber->launch->params);
   fiber->state = State::Exited;
-  emu_switch(&fiber->sp, worker.scheduler_sp);
+  emu_switch(&fiber->sp, *fiber->scheduler_sp);
 }
 
-void* initial_stack(char* stack, Fiber* fiber) {
-  // See emu_switch: from sp, the control words, r15, r14, r13, r12, rbx, rbp
-  // and the return address; sp % 16 == 8 so that the call in emu_fiber_start
-  // enters fiber_main with the ABI's alignment.
-  uint64_t* sp = reinterpret_cast<uint64_t*>(stack + STACK_BYTES - 88);
+// Lays out a fresh fiber in `slot`: the FiberTop record at the top, and
+// below it what emu_switch pops: the control words, r15, r14, r13, r12, rbx,
+// rbp and the return address, with sp % 16 == 8 so that the call in
+// emu_fiber_start enters fiber_main with the ABI's alignment.
+void* initial_stack(char* slot, Fiber* fiber) {
+  FiberTop* top = reinterpret_cast<FiberTop*>(slot + FIBER_STACK_BYTES - sizeof(FiberTop));
+  *top = FiberTop{&fiber->index, fiber};
+  uint64_t* sp = reinterpret_cast<uint64_t*>(slot + FIBER_STACK_BYTES - 32 - 88);
   // x87 and SSE: round to nearest, every exception masked, no flush to zero.
   sp[0] = 0x037F;  // fldcw reads 16 bits at sp
   sp[1] = 0x1F80;  // ldmxcsr reads 32 bits at sp + 8
@@ -147,9 +155,9 @@ void* initial_stack(char* stack, Fiber* fiber) {
 }
 
 void yield(State state) {
-  Fiber* fiber = worker.running;
-  fiber->state = state;
-  emu_switch(&fiber->sp, worker.scheduler_sp);
+  Fiber& fiber = running();
+  fiber.state = state;
+  emu_switch(&fiber.sp, *fiber.scheduler_sp);
 }
 
 std::string describe(const Fiber& f) {
@@ -210,18 +218,28 @@ bool run_block(const Launch& launch, uint3 block) {
   for (size_t t = 0; t < threads; ++t) {
     Fiber& f = fibers[t];
     f.index = ThreadIndex{make_uint3(t % bd.x, t / bd.x % bd.y, t / ((size_t)bd.x * bd.y)), block,
-                          bd, launch.grid};
-    f.sp = initial_stack(worker.stack(t), &f);
+                          bd, launch.grid, (unsigned)(t % WARP)};
+    f.scheduler_sp = &worker.scheduler_sp;
+    f.launch = &launch;
+    f.sp = initial_stack(worker.slot(t), &f);
   }
+  // Each warp runs until all its lanes wait at __syncthreads or have exited
+  // (its shuffles complete within the warp); then the block barrier opens.
   const size_t warps = (threads + WARP - 1) / WARP;
   for (;;) {
-    bool ran = false;
-    for (Fiber& f : fibers) {
-      if (f.state != State::Ready) continue;
-      ran = true;
-      worker.running = &f;
-      current = &f.index;
-      emu_switch(&worker.scheduler_sp, f.sp);
+    for (size_t w = 0; w < warps; ++w) {
+      const size_t first = w * WARP, end = std::min(threads, first + WARP);
+      for (bool progress = true; progress;) {
+        for (size_t t = first; t < end; ++t)
+          if (fibers[t].state == State::Ready) emu_switch(&worker.scheduler_sp, fibers[t].sp);
+        std::string error = release_warp(fibers, w);
+        if (!error.empty()) {
+          worker.error = std::move(error);
+          return false;
+        }
+        progress = false;
+        for (size_t t = first; t < end; ++t) progress |= fibers[t].state == State::Ready;
+      }
     }
     size_t exited = 0, at_block = 0;
     for (const Fiber& f : fibers) {
@@ -229,25 +247,13 @@ bool run_block(const Launch& launch, uint3 block) {
       at_block += f.state == State::AtBlockBarrier;
     }
     if (exited == threads) return true;
-    for (size_t w = 0; w < warps; ++w) {
-      std::string error = release_warp(fibers, w);
-      if (!error.empty()) {
-        worker.error = std::move(error);
-        return false;
-      }
-    }
-    if (at_block + exited == threads) {
-      for (Fiber& f : fibers)
-        if (f.state == State::AtBlockBarrier) f.state = State::Ready;
-      continue;
-    }
-    bool released = false;
-    for (const Fiber& f : fibers) released |= f.state == State::Ready;
-    if (!released && !ran) {
+    if (at_block + exited < threads) {
       worker.error = "deadlock: " + std::to_string(at_block) +
                      " threads wait at __syncthreads while others wait at a warp barrier";
       return false;
     }
+    for (Fiber& f : fibers)
+      if (f.state == State::AtBlockBarrier) f.state = State::Ready;
   }
 }
 
@@ -307,7 +313,7 @@ class Pool {
         next_ = blocks_;  // stop handing out blocks
       }
     }
-    current = nullptr;
+    worker.launch = nullptr;
   }
 
   std::vector<std::thread> threads_;
@@ -336,43 +342,19 @@ std::string run(const Launch& launch) {
   return pool->run(launch);
 }
 
-const char* running_kernel() { return current ? worker.launch->kernel->name : nullptr; }
-
-unsigned lane_id() {
-  const ThreadIndex& i = *current;
-  const size_t linear =
-      i.thread.x + (size_t)i.block_dim.x * (i.thread.y + (size_t)i.block_dim.y * i.thread.z);
-  return (unsigned)(linear % WARP);
-}
+const char* running_kernel() { return worker.launch ? worker.launch->kernel->name : nullptr; }
 
 void sync_block() { yield(State::AtBlockBarrier); }
 
-void sync_warp(unsigned mask) { exchange(mask, 0, (int)lane_id()); }
+void sync_warp(unsigned mask) { exchange(mask, 0, (int)fiber_top().index->lane); }
 
 uint64_t exchange(unsigned mask, uint64_t value, int source) {
-  Fiber* fiber = worker.running;
-  fiber->mask = mask;
-  fiber->value = value;
-  fiber->source = source;
+  Fiber& fiber = running();
+  fiber.mask = mask;
+  fiber.value = value;
+  fiber.source = source;
   yield(State::AtWarpBarrier);
-  return fiber->received;
-}
-
-int shuffle_source(Shuffle kind, int lane, int operand, int width) {
-  const int segment = lane / width * width;
-  switch (kind) {
-    case Shuffle::Index:
-      return segment + operand % width;
-    case Shuffle::Up:
-      return lane - operand >= segment ? lane - operand : lane;
-    case Shuffle::Down:
-      return lane + operand < segment + width ? lane + operand : lane;
-    case Shuffle::Xor: {
-      const int source = lane ^ operand;
-      return source < segment + width ? source : lane;
-    }
-  }
-  return lane;
+  return fiber.received;
 }
 
 }  // namespace emu
