@@ -53,6 +53,15 @@ impl ForwardPass<'_> {
     }
 }
 
+/// The shapes of a request's forward passes, known from its plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassShapes {
+    /// Every distinct query-token count, ascending.
+    pub tokens: Vec<usize>,
+    /// The most rows any pass reports.
+    pub max_rows: usize,
+}
+
 /// What a sampler needs to know about one output distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenStats {
@@ -110,6 +119,13 @@ pub trait Backend {
     /// Sizes the key/value cache for up to `slots` positions. Called once per
     /// request; contents after it are unspecified.
     fn prepare(&mut self, slots: usize) -> Result<()>;
+
+    /// Announces the passes a request will run, after [`Backend::prepare`]
+    /// and before its first forward, so that a backend can make its
+    /// per-shape preparations (cuBLASLt plans) outside the timed steps.
+    fn expect(&mut self, _shapes: &PassShapes) -> Result<()> {
+        Ok(())
+    }
 
     /// Raw logits of `pass.rows`, row-major `[rows, vocab]`.
     fn logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>>;

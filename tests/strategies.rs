@@ -122,3 +122,56 @@ fn bf16_checkpoints_load_as_the_f32_weights_rounded() {
         assert!(!out.tokens.contains(&500));
     }
 }
+
+/// Runs the CPU backend and records every pass against what was announced.
+struct Announced {
+    cpu: dllm::cpu::CpuBackend,
+    shapes: dllm::backend::PassShapes,
+    passes: usize,
+}
+
+impl dllm::backend::Backend for Announced {
+    fn device_name(&self) -> String {
+        self.cpu.device_name()
+    }
+
+    fn prepare(&mut self, slots: usize) -> dllm::Result<()> {
+        self.shapes = Default::default();
+        self.cpu.prepare(slots)
+    }
+
+    fn expect(&mut self, shapes: &dllm::backend::PassShapes) -> dllm::Result<()> {
+        self.shapes = shapes.clone();
+        Ok(())
+    }
+
+    fn logits(&mut self, pass: &dllm::backend::ForwardPass) -> dllm::Result<Vec<f32>> {
+        assert!(
+            self.shapes.tokens.contains(&pass.tokens.len()),
+            "a pass of {} tokens, announced {:?}",
+            pass.tokens.len(),
+            self.shapes.tokens
+        );
+        assert!(pass.rows.len() <= self.shapes.max_rows, "{:?}", pass.rows);
+        self.passes += 1;
+        self.cpu.logits(pass)
+    }
+}
+
+#[test]
+fn every_pass_shape_is_announced_before_the_first_step() {
+    let model = Model::open(&golden_dir("dream_tiny_s1")).unwrap();
+    let mut backend = Announced {
+        cpu: dllm::cpu::CpuBackend::new(&model).unwrap(),
+        shapes: Default::default(),
+        passes: 0,
+    };
+    for cache in [CacheMode::None, CacheMode::Prefix, CacheMode::Dual] {
+        for window in [None, Some(4), Some(20)] {
+            let options = options(cache, Some(0.9), window);
+            dllm::decode::generate(&mut backend, &model.config, &PROMPT, &options, &mut |_| {})
+                .unwrap();
+        }
+    }
+    assert!(backend.passes > 30, "{} passes", backend.passes);
+}

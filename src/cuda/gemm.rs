@@ -107,6 +107,17 @@ impl Gemm {
         WORKSPACE_BYTES
     }
 
+    /// The plan of `[n, k] · [m, k]ᵀ`, made on first use. The backend makes
+    /// the plans of a request's shapes before its first step
+    /// ([`crate::backend::Backend::expect`]), so the heuristic never runs
+    /// inside a timed step.
+    pub fn plan(&mut self, n: usize, k: usize, m: usize) -> Result<()> {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.plans.entry((n, k, m)) {
+            e.insert(Plan::new(self.handle, self.desc, self.preference, n, k, m)?);
+        }
+        Ok(())
+    }
+
     /// `y (+)= x · wᵀ` with `x` `[n, k]`, `w` `[m, k]` and `y` `[n, m]`, all
     /// row-major; `accumulate` adds to what `y` holds instead of overwriting it.
     pub fn matmul(
@@ -129,12 +140,8 @@ impl Gemm {
         if n == 0 || m == 0 {
             return Ok(());
         }
-        let plan = match self.plans.entry((n, k, m)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Plan::new(self.handle, self.desc, self.preference, n, k, m)?)
-            }
-        };
+        self.plan(n, k, m)?;
+        let plan = &self.plans[&(n, k, m)];
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let stream = &self.stream;
         let (w_ptr, _w) = w.device_ptr(stream);

@@ -33,7 +33,7 @@ use std::sync::Arc;
 pub use cudarc;
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
-use crate::backend::{Backend, ForwardPass, TokenStats};
+use crate::backend::{Backend, ForwardPass, PassShapes, TokenStats};
 use crate::config::ModelConfig;
 pub use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
@@ -47,6 +47,8 @@ use weights::Weights;
 /// The oldest driver API that loads kernels built by nvcc 13.0.
 const MIN_DRIVER: i32 = 13000;
 const GIB: f64 = (1u64 << 30) as f64;
+const CUBLAS_13: &str = "install CUDA 13's cuBLAS (the CUDA toolkit, or `pip install \
+                         nvidia-cublas` and put its nvidia/cu13/lib first on LD_LIBRARY_PATH)";
 
 /// A device ready to run kernels: context, the one stream, the loaded
 /// kernels and cuBLASLt. Tests and benchmarks use it directly.
@@ -91,12 +93,14 @@ impl Gpu {
             )));
         }
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            return Err(Error::Device(
-                "libcublasLt.so.13 was not found: install CUDA 13's cuBLAS (the CUDA toolkit, or \
-                 `pip install nvidia-cublas` and add its nvidia/cu13/lib to LD_LIBRARY_PATH)"
-                    .into(),
-            ));
+            return Err(Error::Device(format!(
+                "libcublasLt.so.13 was not found: {CUBLAS_13}"
+            )));
         }
+        // cudarc opens the first of several names (libcublasLt.so first),
+        // which may be another CUDA's library: the bindings are CUDA 13's.
+        // SAFETY: the library is present; the call only returns a number.
+        cublas_is_cuda_13(unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() })?;
         let ctx = CudaContext::new(0).map_err(driver_error("opening GPU 0"))?;
         // One stream orders everything; per-buffer events would only add work
         // (and nodes to a captured graph).
@@ -390,6 +394,20 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn expect(&mut self, shapes: &PassShapes) -> Result<()> {
+        let c = &self.config;
+        let (d, f, qkv) = (c.d_model, c.ffn_hidden, self.heads().qkv_dim());
+        for &n in &shapes.tokens {
+            for (k, m) in [(d, qkv), (d, d), (d, 2 * f), (f, d)] {
+                self.gpu.gemm.plan(n, k, m)?;
+            }
+        }
+        for rows in 1..=shapes.max_rows.min(HEAD_ROWS) {
+            self.gpu.gemm.plan(rows, d, c.vocab_size)?;
+        }
+        Ok(())
+    }
+
     fn logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
         self.forward(pass)?;
         let vocab = self.config.vocab_size;
@@ -451,6 +469,18 @@ pub(crate) fn driver_error(what: &str) -> impl FnOnce(DriverError) -> Error + '_
     }
 }
 
+/// `version` as cublasLtGetVersion encodes it (major * 10000 + minor * 100 + patch).
+fn cublas_is_cuda_13(version: usize) -> Result<()> {
+    if version / 10000 == 13 {
+        return Ok(());
+    }
+    Err(Error::Device(format!(
+        "the cuBLASLt found is version {}.{}, not CUDA 13's: {CUBLAS_13}",
+        version / 10000,
+        version % 10000 / 100
+    )))
+}
+
 fn out_of_memory(need: String, free: usize, device: &str) -> Error {
     Error::Device(format!(
         "out of device memory: {need}, but {:.2} GiB is free on {device}",
@@ -475,6 +505,14 @@ mod tests {
         let chunks: Vec<_> = CudaBackend::row_chunks(&(5..300)).collect();
         assert_eq!(chunks, vec![5..133, 133..261, 261..300]);
         assert_eq!(CudaBackend::row_chunks(&(7..7)).count(), 0);
+    }
+
+    #[test]
+    fn only_cuda_13_cublas_is_accepted() {
+        assert!(cublas_is_cuda_13(130_001).is_ok());
+        assert!(cublas_is_cuda_13(131_000).is_ok());
+        let err = cublas_is_cuda_13(120_903).unwrap_err().to_string();
+        assert!(err.contains("version 12.9, not CUDA 13's"), "{err}");
     }
 
     #[test]

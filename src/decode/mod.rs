@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use rule::{transfer_schedule, Candidate, Rule};
 
-use crate::backend::{Backend, ForwardPass, TokenStats};
+use crate::backend::{Backend, ForwardPass, PassShapes, TokenStats};
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
 use rule::BlockRule;
@@ -162,6 +162,38 @@ struct Plan {
 }
 
 impl Plan {
+    /// The kept slots a step queries: all of them at a block's first step or
+    /// without a cache; afterwards the block (DualCache) or the block and
+    /// what follows it (prefix cache). The block starts at slot `bs`.
+    fn queries(&self, step: usize, bs: usize, kept: usize) -> Range<usize> {
+        match (step, self.cache) {
+            (0, _) | (_, CacheMode::None) => 0..kept,
+            (_, CacheMode::Prefix) => bs..kept,
+            (_, CacheMode::Dual) => bs..bs + self.block_length,
+        }
+    }
+
+    /// The query counts of a block's first and later steps, for every block,
+    /// and the most rows a step reports (a block's, which Dream's shifted
+    /// logits can move by one row but not widen).
+    fn pass_shapes(&self, prompt_len: usize) -> PassShapes {
+        let len = prompt_len + self.gen_length;
+        let mut tokens: Vec<usize> = (0..self.gen_length / self.block_length)
+            .flat_map(|block| {
+                let bs = prompt_len + block * self.block_length;
+                let kept =
+                    layout::kept_positions(bs + self.block_length, len, self.window, self.tail);
+                [0, 1].map(|step| self.queries(step, bs, kept.len()).len())
+            })
+            .collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        PassShapes {
+            tokens,
+            max_rows: self.block_length,
+        }
+    }
+
     fn new(options: &DecodeOptions, config: &ModelConfig, prompt_len: usize) -> Result<Plan> {
         let o = options;
         let invalid = |m: String| Err(Error::invalid(m));
@@ -379,6 +411,7 @@ pub fn generate(
     let mut x: Vec<u32> = prompt.to_vec();
     x.resize(len, plan.mask_id);
     backend.prepare(len)?;
+    backend.expect(&plan.pass_shapes(prompt.len()))?;
 
     let start = Instant::now();
     let mut first_forward: Option<Duration> = None;
@@ -405,14 +438,7 @@ pub fn generate(
                     plan.mask_id
                 )));
             }
-            // Queries: all kept slots at a block's first step or without a
-            // cache; afterwards the block (DualCache) or the block and what
-            // follows it (prefix cache).
-            let queries = match (step, plan.cache) {
-                (0, _) | (_, CacheMode::None) => 0..kept.len(),
-                (_, CacheMode::Prefix) => bs..kept.len(),
-                (_, CacheMode::Dual) => bs..be,
-            };
+            let queries = plan.queries(step, bs, kept.len());
             let forward_start = Instant::now();
             let full = queries.start == 0;
             let mut candidates = forward(backend, &plan, &x, &kept, queries, &masked)?;
