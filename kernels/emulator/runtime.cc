@@ -20,9 +20,11 @@
 
 #include "device.h"
 
-// The context switch: saves the callee-saved registers and the floating-point
-// control words on the current stack, stores the stack pointer in *save and
-// continues on `load`. A new fiber's stack is laid out so that the first
+// The context switch: saves the callee-saved registers on the current stack,
+// stores the stack pointer in *save and continues on `load`. The x87 and SSE
+// control words are left alone: nothing in a kernel or the runtime changes
+// them, so every fiber runs with its host thread's (round to nearest, no
+// flush to zero, as on the device). A new fiber's stack is laid out so that the first
 // switch to it "returns" into emu_fiber_start, which calls r13(r12).
 extern "C" void emu_switch(void** save, void* load);
 extern "C" void emu_fiber_start();
@@ -40,14 +42,8 @@ emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $16, %rsp
-  stmxcsr 8(%rsp)
-  fnstcw (%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr 8(%rsp)
-  fldcw (%rsp)
-  addq $16, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -90,6 +86,7 @@ struct Fiber {
   ThreadIndex index;
   void* sp = nullptr;
   void** scheduler_sp = nullptr;
+  Fiber* warp_end = nullptr;  // one past the last lane of this fiber's warp
   const Launch* launch = nullptr;
   State state = State::Ready;
   // A warp barrier's offer and what the lane received.
@@ -129,36 +126,37 @@ thread_local Worker worker;
 
 Fiber& running() { return *static_cast<Fiber*>(fiber_top().fiber); }
 
+// Leaves `fiber` (at a barrier, or exited) for the next lane of its warp
+// that can run, or for the scheduler: one switch per fiber per barrier.
+void leave(Fiber& fiber, State state) {
+  fiber.state = state;
+  for (Fiber* next = &fiber + 1; next < fiber.warp_end; ++next)
+    if (next->state == State::Ready) return emu_switch(&fiber.sp, next->sp);
+  emu_switch(&fiber.sp, *fiber.scheduler_sp);
+}
+
 void fiber_main(Fiber* fiber) {
   fiber->launch->kernel->invoke(fiber->launch->kernel->function, fiber->launch->params);
-  fiber->state = State::Exited;
-  emu_switch(&fiber->sp, *fiber->scheduler_sp);
+  leave(*fiber, State::Exited);
 }
 
 // Lays out a fresh fiber in `slot`: the FiberTop record at the top, and
-// below it what emu_switch pops: the control words, r15, r14, r13, r12, rbx,
-// rbp and the return address, with sp % 16 == 8 so that the call in
-// emu_fiber_start enters fiber_main with the ABI's alignment.
+// below it what emu_switch pops: r15, r14, r13, r12, rbx, rbp and the return
+// address, with sp % 16 == 8 so that the call in emu_fiber_start enters
+// fiber_main with the ABI's alignment.
 void* initial_stack(char* slot, Fiber* fiber) {
   FiberTop* top = reinterpret_cast<FiberTop*>(slot + FIBER_STACK_BYTES - sizeof(FiberTop));
   *top = FiberTop{&fiber->index, fiber};
-  uint64_t* sp = reinterpret_cast<uint64_t*>(slot + FIBER_STACK_BYTES - 32 - 88);
-  // x87 and SSE: round to nearest, every exception masked, no flush to zero.
-  sp[0] = 0x037F;  // fldcw reads 16 bits at sp
-  sp[1] = 0x1F80;  // ldmxcsr reads 32 bits at sp + 8
-  sp[2] = sp[3] = 0;                                      // r15, r14
-  sp[4] = reinterpret_cast<uint64_t>(&fiber_main);        // r13
-  sp[5] = reinterpret_cast<uint64_t>(fiber);              // r12
-  sp[6] = sp[7] = 0;                                      // rbx, rbp
-  sp[8] = reinterpret_cast<uint64_t>(&emu_fiber_start);  // return address
+  uint64_t* sp = reinterpret_cast<uint64_t*>(slot + FIBER_STACK_BYTES - 32 - 72);
+  sp[0] = sp[1] = 0;                                      // r15, r14
+  sp[2] = reinterpret_cast<uint64_t>(&fiber_main);        // r13
+  sp[3] = reinterpret_cast<uint64_t>(fiber);              // r12
+  sp[4] = sp[5] = 0;                                      // rbx, rbp
+  sp[6] = reinterpret_cast<uint64_t>(&emu_fiber_start);  // return address
   return sp;
 }
 
-void yield(State state) {
-  Fiber& fiber = running();
-  fiber.state = state;
-  emu_switch(&fiber.sp, *fiber.scheduler_sp);
-}
+void yield(State state) { leave(running(), state); }
 
 std::string describe(const Fiber& f) {
   char text[96];
@@ -220,6 +218,7 @@ bool run_block(const Launch& launch, uint3 block) {
     f.index = ThreadIndex{make_uint3(t % bd.x, t / bd.x % bd.y, t / ((size_t)bd.x * bd.y)), block,
                           bd, launch.grid, (unsigned)(t % WARP)};
     f.scheduler_sp = &worker.scheduler_sp;
+    f.warp_end = fibers.data() + std::min(threads, (t / WARP + 1) * WARP);
     f.launch = &launch;
     f.sp = initial_stack(worker.slot(t), &f);
   }
@@ -230,8 +229,12 @@ bool run_block(const Launch& launch, uint3 block) {
     for (size_t w = 0; w < warps; ++w) {
       const size_t first = w * WARP, end = std::min(threads, first + WARP);
       for (bool progress = true; progress;) {
-        for (size_t t = first; t < end; ++t)
-          if (fibers[t].state == State::Ready) emu_switch(&worker.scheduler_sp, fibers[t].sp);
+        // The first ready lane runs; each lane hands over to the next (leave).
+        for (size_t t = first; t < end; ++t) {
+          if (fibers[t].state != State::Ready) continue;
+          emu_switch(&worker.scheduler_sp, fibers[t].sp);
+          break;
+        }
         std::string error = release_warp(fibers, w);
         if (!error.empty()) {
           worker.error = std::move(error);
