@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 /// The environment variable that selects the emulated device.
 pub const ENV: &str = "DLLM_CUDA";
 
+/// The driver this process activated, or why it could not.
+static ACTIVE: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
     /// The NVIDIA driver and CUDA 13's cuBLASLt of this machine.
@@ -50,6 +53,10 @@ impl Driver {
     /// installed, else the emulator, so that a machine without a GPU runs
     /// every CUDA test instead of skipping it.
     pub fn for_tests() -> Result<Driver> {
+        // Once the emulator is loaded, it is the libcuda.so this process sees.
+        if let Some(Ok(active)) = ACTIVE.get() {
+            return Ok(*active);
+        }
         if std::env::var_os(ENV).is_some() {
             return Driver::from_env();
         }
@@ -64,7 +71,6 @@ impl Driver {
     /// Makes this process's CUDA calls go to this driver. The first driver
     /// activated stays for the life of the process.
     pub fn activate(self) -> Result<()> {
-        static ACTIVE: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
         let active = ACTIVE.get_or_init(|| match self {
             Driver::Hardware => Ok(Driver::Hardware),
             Driver::Emulated => emulator::load().map(|()| Driver::Emulated),

@@ -164,22 +164,7 @@ pub struct Kernels {
 impl Kernels {
     /// Loads the embedded fatbins into `ctx`.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
-        if FATBINS.is_empty() {
-            return Err(no_kernels_error());
-        }
-        let module = |stem: &str| -> Result<Arc<CudaModule>> {
-            let (_, image) = FATBINS.iter().find(|(s, _)| *s == stem).ok_or_else(|| {
-                Error::Device(format!("kernels/{stem}.cu is missing from this build"))
-            })?;
-            ctx.load_module(Ptx::from_binary(image.to_vec()))
-                .map_err(|e| {
-                    Error::Device(format!(
-                    "cannot load kernels/{stem}.cu on this GPU ({e}): the kernels are built for \
-                     sm_90a (H100/H200), and for sm_80 only with DLLM_CUDA_SM80=1 at build time; \
-                     the driver must support CUDA 13.0"
-                ))
-                })
-        };
+        let module = |stem: &str| load_module(ctx, stem);
         let function = |module: &Arc<CudaModule>, name: &str| {
             module
                 .load_function(name)
@@ -402,6 +387,25 @@ impl Kernels {
     }
 }
 
+/// Loads the fatbin compiled from `kernels/{stem}.cu` into `ctx`.
+pub fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>> {
+    let (_, image) = FATBINS.iter().find(|(s, _)| *s == stem).ok_or_else(|| {
+        if FATBINS.is_empty() {
+            no_kernels_error()
+        } else {
+            Error::Device(format!("kernels/{stem}.cu is missing from this build"))
+        }
+    })?;
+    ctx.load_module(Ptx::from_binary(image.to_vec()))
+        .map_err(|e| {
+            Error::Device(format!(
+                "cannot load kernels/{stem}.cu on this GPU ({e}): the kernels are built for \
+                 sm_90a (H100/H200), and for sm_80 only with DLLM_CUDA_SM80=1 at build time; \
+                 the driver must support CUDA 13.0"
+            ))
+        })
+}
+
 fn extent(kernel: &str, buffer: &str, len: usize, want: usize) -> Result<()> {
     if len == want {
         Ok(())
@@ -432,7 +436,9 @@ fn grid(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig> {
     })
 }
 
-fn launch(
+/// Launches `args` with `config`; a failure is an [`Error::Device`] naming
+/// `kernel`.
+pub fn launch(
     mut args: cudarc::driver::LaunchArgs<'_>,
     kernel: &str,
     config: LaunchConfig,
