@@ -26,6 +26,7 @@
 struct CUctx_st {};
 struct CUstream_st {
   CUgraph capture = nullptr;
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_GLOBAL;
 };
 struct CUmod_st {};
 struct CUfunc_st {
@@ -55,6 +56,9 @@ constexpr unsigned char CANARY = 0xA5;
 
 CUctx_st primary_context;
 thread_local CUcontext current_context = nullptr;
+// Captures begun by this thread in thread-local mode: they forbid this
+// thread's allocations.
+thread_local size_t thread_captures = 0;
 bool initialised = false;
 
 struct Allocation {
@@ -69,7 +73,8 @@ struct Memory {
   std::mutex mutex;
   std::map<uintptr_t, Allocation> allocations;
   size_t used = 0;
-  size_t capturing_streams = 0;
+  // Captures that forbid allocations on every thread (global mode).
+  size_t global_captures = 0;
 
   const Allocation* find(uintptr_t address) {
     auto it = allocations.upper_bound(address);
@@ -149,7 +154,7 @@ void install_segv_handler() {
 CUresult allocate(CUdeviceptr* out, size_t bytes, const char* entry_point) {
   Memory& m = memory();
   std::lock_guard<std::mutex> lock(m.mutex);
-  if (m.capturing_streams)
+  if (m.global_captures || thread_captures)
     return emu::fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, entry_point,
                      "allocation while a stream is capturing a graph");
   const size_t padded = (std::max<size_t>(bytes, 1) + ALIGN - 1) / ALIGN * ALIGN;
@@ -523,15 +528,26 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 
 // Graphs.
 
-CUresult cuStreamBeginCapture(CUstream stream, CUstreamCaptureMode) {
+// Which captures forbid allocations: global ones on every thread,
+// thread-local ones on the thread that began them, relaxed ones on none.
+static void count_capture(CUstreamCaptureMode mode, int delta) {
+  if (mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+    thread_captures += delta;
+  } else if (mode == CU_STREAM_CAPTURE_MODE_GLOBAL) {
+    std::lock_guard<std::mutex> lock(memory().mutex);
+    memory().global_captures += delta;
+  }
+}
+
+CUresult cuStreamBeginCapture(CUstream stream, CUstreamCaptureMode mode) {
   if (!stream)
     return emu::fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture",
                      "the legacy default stream cannot capture");
   if (stream->capture)
     return emu::fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture", "already capturing");
   stream->capture = new CUgraph_st;
-  std::lock_guard<std::mutex> lock(memory().mutex);
-  ++memory().capturing_streams;
+  stream->mode = mode;
+  count_capture(mode, 1);
   return CUDA_SUCCESS;
 }
 
@@ -540,8 +556,7 @@ CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
     return emu::fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture", "the stream is not capturing");
   *graph = stream->capture;
   stream->capture = nullptr;
-  std::lock_guard<std::mutex> lock(memory().mutex);
-  --memory().capturing_streams;
+  count_capture(stream->mode, -1);
   return CUDA_SUCCESS;
 }
 

@@ -24,6 +24,7 @@
 mod buffers;
 mod driver;
 mod gemm;
+mod graphs;
 pub mod kernels;
 mod weights;
 
@@ -31,6 +32,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 pub use cudarc;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
 use crate::backend::{Backend, ForwardPass, PassShapes, TokenStats};
@@ -41,11 +43,15 @@ use crate::model::Model;
 use buffers::{Buffers, Footprint, HEAD_ROWS};
 pub use driver::{Driver, ENV as DRIVER_ENV};
 pub use gemm::Gemm;
+use graphs::{Graphs, Launch, Step};
 pub use kernels::{AttentionScratch, AttentionSplit, Heads, Kernels, RowStats, KERNELS_BUILT};
 use weights::Weights;
 
 /// The oldest driver API that loads kernels built by nvcc 13.0.
 const MIN_DRIVER: i32 = 13000;
+/// Captures on the backend's thread only; other threads' calls are unaffected.
+const CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: CUstreamCaptureMode =
+    CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
 const GIB: f64 = (1u64 << 30) as f64;
 const CUBLAS_13: &str = "install CUDA 13's cuBLAS (the CUDA toolkit, or `pip install \
                          nvidia-cublas` and put its nvidia/cu13/lib first on LD_LIBRARY_PATH)";
@@ -152,6 +158,8 @@ pub struct CudaBackend {
     /// Slots asked for by the last prepare(); the buffers may hold more.
     slots: usize,
     buffers: Option<Buffers>,
+    /// Before the buffers: graphs launch on them.
+    graphs: Graphs,
     weights: Weights,
     gpu: Gpu,
 }
@@ -190,6 +198,7 @@ impl CudaBackend {
             weights,
             slots: 0,
             buffers: None,
+            graphs: Graphs::new(),
         })
     }
 
@@ -201,38 +210,57 @@ impl CudaBackend {
         }
     }
 
-    /// Runs the layers over `pass`, leaving the final residual stream in `x`
-    /// and the pass's keys and values in the cache.
-    fn forward(&mut self, pass: &ForwardPass) -> Result<()> {
-        let heads = self.heads();
-        let Self {
-            config: c,
-            gpu,
-            weights,
-            slots,
-            buffers,
-            ..
-        } = self;
+    /// Whether repeated steps are replayed as CUDA graphs (the default).
+    /// Either way a step computes the same values.
+    pub fn set_graphs(&mut self, enabled: bool) {
+        self.graphs.set_enabled(enabled);
+    }
+
+    /// Graph launches so far: how many steps ran as a replay.
+    pub fn graph_replays(&self) -> usize {
+        self.graphs.replays()
+    }
+
+    /// Checks `pass` and copies its tokens and positions to the device.
+    fn upload(&mut self, pass: &ForwardPass) -> Result<()> {
         // Before prepare() there are no slots, so no pass validates.
-        pass.validate(*slots)?;
-        let b = buffers
-            .as_mut()
-            .expect("slots > 0, so prepare() allocated the buffers");
-        if let Some(&bad) = pass.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        pass.validate(self.slots)?;
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = pass.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary of {} entries",
-                c.vocab_size
+                "token id {bad} is outside the vocabulary of {vocab} entries"
             )));
         }
-        let (n, d, f) = (pass.tokens.len(), c.d_model, c.ffn_hidden);
-        let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
-        let (stream, k) = (&gpu.stream, &gpu.kernels);
+        let b = self
+            .buffers
+            .as_mut()
+            .expect("slots > 0, so prepare() allocated the buffers");
+        let n = pass.tokens.len();
+        let stream = &self.gpu.stream;
         stream
             .memcpy_htod(pass.tokens, &mut b.tokens.slice_mut(..n))
             .map_err(driver_error("copying the pass to the GPU"))?;
         stream
             .memcpy_htod(pass.positions, &mut b.positions.slice_mut(..n))
-            .map_err(driver_error("copying the pass to the GPU"))?;
+            .map_err(driver_error("copying the pass to the GPU"))
+    }
+
+    /// Runs the layers over the uploaded tokens of `step`, leaving the final
+    /// residual stream in `x` and the step's keys and values in the cache.
+    /// Only launches: a graph can capture it.
+    fn layers(&mut self, step: &Step) -> Result<()> {
+        let heads = self.heads();
+        let Self {
+            config: c,
+            gpu,
+            weights,
+            buffers,
+            ..
+        } = self;
+        let b = buffers.as_mut().expect("upload() checked the buffers");
+        let (n, d, f) = (step.tokens, c.d_model, c.ffn_hidden);
+        let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
+        let (stream, k) = (&gpu.stream, &gpu.kernels);
 
         k.embed(
             stream,
@@ -265,7 +293,7 @@ impl CudaBackend {
                 &weights.inv_freq.as_view(),
                 &mut b.keys[l].as_view_mut(),
                 &mut b.values[l].as_view_mut(),
-                pass.write_slot,
+                step.write_slot,
                 heads,
             )?;
             k.attention(
@@ -275,7 +303,7 @@ impl CudaBackend {
                 &b.values[l].as_view(),
                 &mut b.attn.slice_mut(..n * d),
                 &mut b.scratch,
-                pass.attend_len,
+                step.attend_len,
                 heads,
             )?;
             gpu.gemm.matmul(
@@ -363,7 +391,9 @@ impl Backend for CudaBackend {
             self.slots = slots;
             return Ok(());
         }
-        // Free the old buffers first: their memory counts as available.
+        // Free the old buffers first: their memory counts as available. The
+        // graphs launch on them, so they go too.
+        self.graphs.clear();
         self.buffers = None;
         self.slots = 0;
         self.gpu
@@ -409,15 +439,13 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
-        self.forward(pass)?;
+        self.upload(pass)?;
+        self.layers(&Step::of(pass))?;
         let vocab = self.config.vocab_size;
         let mut out = vec![0.0f32; pass.rows.len() * vocab];
         for rows in Self::row_chunks(&pass.rows) {
             self.head(rows.clone())?;
-            let b = self
-                .buffers
-                .as_ref()
-                .expect("forward succeeded, so prepare did");
+            let b = self.buffers.as_ref().expect("upload() checked the buffers");
             let at = (rows.start - pass.rows.start) * vocab;
             self.gpu
                 .stream
@@ -430,31 +458,77 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    /// The layers run as a graph when their geometry repeats (graphs.rs);
+    /// the head follows for the rows asked.
     fn token_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
-        self.forward(pass)?;
-        let vocab = self.config.vocab_size;
+        self.upload(pass)?;
+        self.step(&Step::of(pass))?;
         let mut out = Vec::with_capacity(pass.rows.len());
-        let mut host = vec![RowStats::default(); HEAD_ROWS];
         for rows in Self::row_chunks(&pass.rows) {
-            self.head(rows.clone())?;
-            let r = rows.len();
-            let b = self
-                .buffers
-                .as_mut()
-                .expect("forward succeeded, so prepare did");
-            let stream = &self.gpu.stream;
-            self.gpu.kernels.confidence(
-                stream,
-                &b.logits.slice(..r * vocab),
-                &mut b.stats.slice_mut(..r),
-                vocab,
-            )?;
-            stream
-                .memcpy_dtoh(&b.stats.slice(..r), &mut host[..r])
-                .map_err(driver_error("copying token statistics to the host"))?;
-            out.extend(host[..r].iter().copied().map(TokenStats::from));
+            self.stats(rows.clone())?;
+            out.extend(self.download_stats(rows.len())?);
         }
         Ok(out)
+    }
+}
+
+impl Step {
+    fn of(pass: &ForwardPass) -> Step {
+        Step {
+            tokens: pass.tokens.len(),
+            write_slot: pass.write_slot,
+            attend_len: pass.attend_len,
+        }
+    }
+}
+
+impl CudaBackend {
+    /// The layers of `step`, replayed, captured or launched one by one.
+    fn step(&mut self, step: &Step) -> Result<()> {
+        match self.graphs.launch_of(step) {
+            Launch::Replay => self.graphs.replay(step),
+            Launch::Eager => self.layers(step),
+            Launch::Capture => {
+                let stream = self.gpu.stream.clone();
+                stream
+                    .begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(driver_error("capturing a step"))?;
+                let recorded = self.layers(step);
+                // End the capture whatever happened, so the stream is usable.
+                let graph = stream
+                    .end_capture(CUgraphInstantiate_flags(0))
+                    .map_err(driver_error("capturing a step"));
+                recorded?;
+                let graph = graph?
+                    .ok_or_else(|| Error::Device("capturing a step recorded no launches".into()))?;
+                self.graphs.insert(*step, graph)
+            }
+        }
+    }
+
+    /// Head logits and confidence statistics of `rows` (at most HEAD_ROWS)
+    /// into the stats buffer.
+    fn stats(&mut self, rows: Range<usize>) -> Result<()> {
+        self.head(rows.clone())?;
+        let (r, vocab) = (rows.len(), self.config.vocab_size);
+        let b = self.buffers.as_mut().expect("upload() checked the buffers");
+        self.gpu.kernels.confidence(
+            &self.gpu.stream,
+            &b.logits.slice(..r * vocab),
+            &mut b.stats.slice_mut(..r),
+            vocab,
+        )
+    }
+
+    /// The statistics of the first `r` rows of the stats buffer.
+    fn download_stats(&mut self, r: usize) -> Result<Vec<TokenStats>> {
+        let b = self.buffers.as_ref().expect("upload() checked the buffers");
+        let mut host = vec![RowStats::default(); r];
+        self.gpu
+            .stream
+            .memcpy_dtoh(&b.stats.slice(..r), &mut host)
+            .map_err(driver_error("copying token statistics to the host"))?;
+        Ok(host.into_iter().map(TokenStats::from).collect())
     }
 }
 
