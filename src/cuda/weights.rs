@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 use super::driver_error;
-use crate::checkpoint::TensorView;
+use crate::checkpoint::{Dtype, TensorView};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Model;
@@ -94,25 +94,41 @@ struct Upload<'a> {
 }
 
 impl Upload<'_> {
-    /// The row-wise concatenation of `parts`, as bf16.
+    /// The row-wise concatenation of `parts`, as bf16. A bf16 tensor goes to
+    /// the device straight from the memory map; others are rounded on the
+    /// host first.
     fn matrix(&self, parts: &[&TensorView]) -> Result<CudaSlice<bf16>> {
-        let mut host = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let total = parts.iter().map(|p| p.len()).sum();
+        let mut device = self
+            .stream
+            .alloc_zeros::<bf16>(total)
+            .map_err(driver_error("the weights"))?;
+        let mut at = 0;
         for part in parts {
-            host.extend(part.to_bf16());
+            let rounded;
+            let host: &[bf16] = match bytemuck::try_cast_slice(part.bytes) {
+                Ok(mapped) if part.dtype == Dtype::BF16 => mapped,
+                _ => {
+                    rounded = part.to_bf16();
+                    &rounded
+                }
+            };
+            self.stream
+                .memcpy_htod(host, &mut device.slice_mut(at..at + host.len()))
+                .map_err(driver_error("the weights"))?;
+            self.progress.advance(host.len() as u64 * 2);
+            at += host.len();
         }
-        self.send(&host)
+        Ok(device)
     }
 
-    /// The concatenation of `parts`, as f32.
+    /// The concatenation of `parts`, as f32 (norm weights and biases: a few
+    /// thousand values).
     fn vector(&self, parts: &[&TensorView]) -> Result<CudaSlice<f32>> {
         let host: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
-        self.send(&host)
-    }
-
-    fn send<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         let slice = self
             .stream
-            .clone_htod(host)
+            .clone_htod(&host)
             .map_err(driver_error("the weights"))?;
         self.progress.advance(host.len() as u64 * 2);
         Ok(slice)
