@@ -125,7 +125,7 @@ mod emulator {
             emulator: emulator.clone(),
         };
 
-        let kernel_objects: Vec<PathBuf> = std::thread::scope(|scope| {
+        let kernels_and_arrays: Vec<(PathBuf, Vec<String>)> = std::thread::scope(|scope| {
             let jobs: Vec<_> = sources
                 .iter()
                 .map(|src| {
@@ -137,9 +137,11 @@ mod emulator {
                 .map(|job| job.join().expect("host compiler thread panicked"))
                 .collect()
         });
+        let (mut objects, arrays): (Vec<PathBuf>, Vec<Vec<String>>) =
+            kernels_and_arrays.into_iter().unzip();
+        objects.push(host.dynamic_shared(&arrays.concat(), &dir));
         let object = |name: &str| host.compile(&emulator.join(name), &dir, &[]);
         let driver = dir.join("libcuda.so");
-        let mut objects = kernel_objects;
         objects.extend([object("runtime.cc"), object("driver.cc")]);
         host.link(&driver, "libcuda.so", &objects);
         let blas = dir.join("libcublasLt.so");
@@ -211,11 +213,14 @@ mod emulator {
         }
 
         /// A kernel file compiled for the host with every `__global__`
-        /// function registered. A first compile lists the kernels (the
-        /// functions in `KERNEL_SECTION`); the second appends one
-        /// registration per kernel, in the translation unit that defines it,
-        /// so that its launcher is typed by the real signature.
-        fn kernel(&self, src: &Path, dir: &Path) -> PathBuf {
+        /// function registered, and the names of its `extern __shared__`
+        /// arrays. A first compile lists the kernels (the functions in
+        /// `KERNEL_SECTION`) and the arrays (thread-locals it declares but
+        /// does not define, since `__shared__` is `thread_local`); the
+        /// second appends one registration per kernel, in the translation
+        /// unit that defines it, so that its launcher is typed by the real
+        /// signature.
+        fn kernel(&self, src: &Path, dir: &Path) -> (PathBuf, Vec<String>) {
             let device = self.emulator.join("device.h");
             let kernel_flags = [
                 "-include",
@@ -236,6 +241,16 @@ mod emulator {
                 .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
                 .collect();
             assert!(!names.is_empty(), "{} defines no kernel", src.display());
+            let symbols = Command::new("readelf")
+                .arg("-sW")
+                .arg(&probe)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run readelf (binutils): {e}"));
+            let arrays: Vec<String> = String::from_utf8_lossy(&symbols.stdout)
+                .lines()
+                .filter(|line| line.contains(" TLS ") && line.contains(" UND "))
+                .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
+                .collect();
             let stem = src.file_stem().expect("a .cu file").to_string_lossy();
             let unit = dir.join(format!("{stem}.registered.cc"));
             let mut text = format!(
@@ -246,7 +261,30 @@ mod emulator {
                 text.push_str(&format!("DLLM_EMU_KERNEL({name})\n"));
             }
             std::fs::write(&unit, text).expect("cannot write a registration unit");
-            self.compile(&unit, dir, &kernel_flags)
+            (self.compile(&unit, dir, &kernel_flags), arrays)
+        }
+
+        /// The block's dynamic shared memory: one buffer per host thread,
+        /// which every kernel's `extern __shared__` array names, since on the
+        /// device they all start where it does.
+        fn dynamic_shared(&self, arrays: &[String], dir: &Path) -> PathBuf {
+            let mut text = String::from(
+                "#include \"runtime.h\"\n\
+                 alignas(16) thread_local unsigned char \
+                 dllm_emu_dynamic_shared[emu::DYNAMIC_SHARED_BYTES];\n",
+            );
+            let mut arrays = arrays.to_vec();
+            arrays.sort();
+            arrays.dedup();
+            for name in arrays {
+                text.push_str(&format!(
+                    "extern thread_local unsigned char {name}[] \
+                     __attribute__((alias(\"dllm_emu_dynamic_shared\")));\n"
+                ));
+            }
+            let unit = dir.join("dynamic_shared.cc");
+            std::fs::write(&unit, text).expect("cannot write the dynamic shared memory unit");
+            self.compile(&unit, dir, &["-fvisibility=hidden"])
         }
 
         fn link(&self, library: &Path, soname: &str, inputs: &[PathBuf]) {

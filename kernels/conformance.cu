@@ -30,6 +30,15 @@ extern "C" __global__ void reverse_through_shared(int* out) {
   out[blockIdx.x * n + t] = seen[n - 1 - t];
 }
 
+// The same through the dynamic shared memory the launch sizes.
+extern "C" __global__ void reverse_through_dynamic_shared(int* out) {
+  extern __shared__ int dynamic[];
+  const int n = blockDim.x, t = threadIdx.x;
+  dynamic[t] = t;
+  __syncthreads();
+  out[t] = dynamic[n - 1 - t];
+}
+
 // Every thread's indices, packed, at its linear position in the grid.
 extern "C" __global__ void thread_indices(unsigned* out) {
   const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -58,6 +67,13 @@ extern "C" __global__ void divergent_barrier_fault(int* out) {
   } else {
     out[threadIdx.x] = __shfl_xor_sync(FULL_WARP, (int)threadIdx.x, 1);
   }
+}
+
+// Writes one int past blockDim.x ints of dynamic shared memory.
+extern "C" __global__ void dynamic_shared_overrun_fault(int* out) {
+  extern __shared__ int dynamic[];
+  dynamic[threadIdx.x + 1] = (int)threadIdx.x;
+  out[threadIdx.x] = 0;
 }
 
 // Writes element n of an n-element buffer.

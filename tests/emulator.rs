@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use dllm::cuda::cudarc::driver::sys::CUfunction_attribute;
 use dllm::cuda::cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use dllm::cuda::kernels::{launch, load_module};
 use dllm::cuda::{Driver, Gpu};
@@ -136,6 +137,30 @@ fn syncthreads_is_a_barrier_for_the_whole_block() {
 }
 
 #[test]
+fn extern_shared_arrays_are_the_dynamic_shared_memory_of_the_launch() {
+    let (gpu, _) = gpu();
+    let f = function(&conformance(&gpu), "reverse_through_dynamic_shared");
+    // 64 KiB is past the default 48 KiB: the kernel must opt in first.
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        64 << 10,
+    )
+    .unwrap();
+    for (n, bytes) in [(32u32, 128u32), (1024, 4096), (256, 64 << 10)] {
+        let mut out = gpu.stream.clone_htod(&vec![-1i32; n as usize]).unwrap();
+        let mut args = gpu.stream.launch_builder(&f);
+        args.arg(&mut out);
+        let config = LaunchConfig {
+            shared_mem_bytes: bytes,
+            ..threads((1, 1, 1), (n, 1, 1))
+        };
+        launch(args, "reverse_through_dynamic_shared", config).unwrap();
+        let want: Vec<i32> = (0..n as i32).rev().collect();
+        assert_eq!(gpu.stream.clone_dtoh(&out).unwrap(), want, "{n} threads");
+    }
+}
+
+#[test]
 fn every_thread_of_a_3d_grid_sees_its_own_indices() {
     let (gpu, _) = gpu();
     let f = function(&conformance(&gpu), "thread_indices");
@@ -244,6 +269,24 @@ fn threads_waiting_at_different_barriers_fail_the_launch_instead_of_hanging() {
     let mut args = gpu.stream.launch_builder(&f);
     args.arg(&mut out);
     let err = launch(args, "divergent_barrier_fault", WARP)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+}
+
+#[test]
+fn a_write_past_the_dynamic_shared_memory_of_the_launch_fails_it() {
+    let Some((gpu, f)) = fault_kernel("dynamic_shared_overrun_fault") else {
+        return;
+    };
+    let mut out = gpu.stream.alloc_zeros::<i32>(32).unwrap();
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut out);
+    let config = LaunchConfig {
+        shared_mem_bytes: 32 * 4,
+        ..WARP
+    };
+    let err = launch(args, "dynamic_shared_overrun_fault", config)
         .unwrap_err()
         .to_string();
     assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");

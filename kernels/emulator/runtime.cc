@@ -67,9 +67,17 @@ emu_fiber_start:
 #error "the emulated device's fibers are written for x86-64"
 #endif
 
+// Defined by build.rs's dynamic_shared.cc, with each kernel's
+// `extern __shared__` array as another name of it.
+extern thread_local unsigned char dllm_emu_dynamic_shared[];
+
 namespace emu {
 
 namespace {
+
+// Fresh dynamic shared memory holds all-ones bytes (NaN as floats) so that a
+// read before any write shows; the canary after it is checked per block.
+constexpr unsigned char UNWRITTEN = 0xFF, CANARY = 0xA5;
 
 std::vector<Kernel>& registry() {
   static std::vector<Kernel> kernels;
@@ -222,6 +230,9 @@ bool run_block(const Launch& launch, uint3 block) {
     f.launch = &launch;
     f.sp = initial_stack(worker.slot(t), &f);
   }
+  unsigned char* dynamic = dllm_emu_dynamic_shared;
+  std::memset(dynamic, UNWRITTEN, launch.dynamic_shared);
+  std::memset(dynamic + launch.dynamic_shared, CANARY, DYNAMIC_SHARED_CANARY);
   // Each warp runs until all its lanes wait at __syncthreads or have exited
   // (its shuffles complete within the warp); then the block barrier opens.
   const size_t warps = (threads + WARP - 1) / WARP;
@@ -249,7 +260,16 @@ bool run_block(const Launch& launch, uint3 block) {
       exited += f.state == State::Exited;
       at_block += f.state == State::AtBlockBarrier;
     }
-    if (exited == threads) return true;
+    if (exited == threads) {
+      for (size_t i = 0; i < DYNAMIC_SHARED_CANARY; ++i) {
+        if (dynamic[launch.dynamic_shared + i] == CANARY) continue;
+        worker.error = "block (" + std::to_string(block.x) + "," + std::to_string(block.y) + "," +
+                       std::to_string(block.z) + ") wrote past its " +
+                       std::to_string(launch.dynamic_shared) + " bytes of dynamic shared memory";
+        return false;
+      }
+      return true;
+    }
     if (at_block + exited < threads) {
       worker.error = "deadlock: " + std::to_string(at_block) +
                      " threads wait at __syncthreads while others wait at a warp barrier";

@@ -52,6 +52,10 @@ constexpr unsigned MAX_BLOCK_DIM[3] = {1024, 1024, 64};
 constexpr unsigned MAX_GRID_DIM[3] = {2147483647u, 65535, 65535};
 constexpr size_t DEFAULT_DYNAMIC_SHARED = 48 * 1024;
 constexpr size_t MAX_OPT_IN_SHARED = 227 * 1024;
+// A launch's dynamic shared memory is followed by this many canary bytes, to
+// catch a block writing past the size it was launched with.
+constexpr size_t DYNAMIC_SHARED_CANARY = 256;
+constexpr size_t DYNAMIC_SHARED_BYTES = MAX_OPT_IN_SHARED + DYNAMIC_SHARED_CANARY;
 
 struct Launch {
   const Kernel* kernel;
