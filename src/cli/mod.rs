@@ -1,9 +1,11 @@
 //! Command-line front end: argument definitions and dispatch.
 
+mod batch;
 mod bench;
 mod eval;
 mod generate;
 mod info;
+mod request;
 
 use std::path::PathBuf;
 
@@ -24,6 +26,8 @@ pub struct Cli {
 enum Command {
     /// Generate text with a model.
     Generate(generate::GenerateArgs),
+    /// Run a file of generate requests in one process (the model loaded once).
+    Batch(batch::BatchArgs),
     /// Time every cache strategy end to end on one model and prompt.
     Bench(bench::BenchArgs),
     /// Exact-match accuracy, NFE and speed of every strategy on a held-out set.
@@ -38,6 +42,7 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Batch(args) => batch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Info { model } => info::run(&model.resolve()),

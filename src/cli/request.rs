@@ -1,0 +1,214 @@
+//! One request as the command line describes it, shared by `dllm generate`
+//! and `dllm batch`: the prompt and the decoding flags, the default
+//! generation length fitted to the model, and the JSON that reports it.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use dllm::{CacheMode, DecodeOptions, DreamAlg, Engine, Generation, ModelConfig};
+use serde_json::{json, Value};
+
+/// Tokens generated when `--gen-length` is not given and the model has room.
+const DEFAULT_GEN_LENGTH: usize = 256;
+
+#[derive(Args)]
+pub struct RequestArgs {
+    /// Prompt text (needs the model's tokenizer.json).
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// Wrap the prompt as a user turn of the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate [default: 256, or as many whole blocks as the
+    /// model's maximum sequence length leaves after the prompt].
+    #[arg(long)]
+    gen_length: Option<usize>,
+    /// Tokens per semi-autoregressive block.
+    #[arg(long, default_value_t = 32)]
+    block_length: usize,
+    /// Total denoising steps [default: gen-length].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Key/value cache used after each block's first step.
+    #[arg(long, value_enum, default_value_t = CacheArg::Dual)]
+    cache: CacheArg,
+    /// Commit every token at least this confident ("none": the fixed
+    /// schedule) [default: 0.9, or none with --factor or a non-threshold --alg].
+    #[arg(long, value_parser = parse_threshold)]
+    threshold: Option<Threshold>,
+    /// Factor rule for parallel decoding (instead of a threshold).
+    #[arg(long)]
+    factor: Option<f64>,
+    /// Suffix pruning: masked positions kept after the block.
+    #[arg(long)]
+    suffix_window: Option<usize>,
+    /// Suffix pruning: positions kept at the end of the sequence.
+    #[arg(long, requires = "suffix_window")]
+    suffix_tail: Option<usize>,
+    /// Dynamic threshold: tau * (1 - alpha * (1 - masked ratio)).
+    #[arg(long, default_value_t = 0.0)]
+    confidence_alpha: f64,
+    /// Stop once a completed block holds EOS.
+    #[arg(long)]
+    early_exit: bool,
+    /// Dream's confidence algorithm.
+    #[arg(long, value_enum)]
+    alg: Option<AlgArg>,
+    /// Mask token id [default: from config.json].
+    #[arg(long)]
+    mask_id: Option<u32>,
+    /// EOS token id [default: from config.json].
+    #[arg(long)]
+    eos_id: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CacheArg {
+    None,
+    Prefix,
+    Dual,
+}
+
+/// Dream's own spelling of its algorithms, which scripts pass verbatim.
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum AlgArg {
+    MaskgitPlus,
+    Entropy,
+    TopkMargin,
+    ConfidenceThreshold,
+}
+
+#[derive(Clone, Copy)]
+enum Threshold {
+    Off,
+    At(f64),
+}
+
+fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    if s == "none" {
+        return Ok(Threshold::Off);
+    }
+    s.parse::<f64>()
+        .map(Threshold::At)
+        .map_err(|_| format!("expected a number or \"none\", got {s:?}"))
+}
+
+impl RequestArgs {
+    /// The prompt's token ids: the text encoded by the model's tokenizer
+    /// (and chat template), or the ids as given.
+    pub fn prompt(&self, engine: &Engine) -> dllm::Result<Vec<u32>> {
+        match (&self.prompt, &self.prompt_ids) {
+            (Some(text), _) => engine.encode_prompt(text, self.chat),
+            (None, Some(ids)) => Ok(ids.clone()),
+            (None, None) => unreachable!("clap requires --prompt or --prompt-ids"),
+        }
+    }
+
+    /// The decoding options for a prompt of `prompt_len` tokens on a model
+    /// of `config`.
+    pub fn options(&self, config: &ModelConfig, prompt_len: usize) -> DecodeOptions {
+        let alg = self.alg.map(|a| match a {
+            AlgArg::MaskgitPlus => DreamAlg::MaskgitPlus,
+            AlgArg::Entropy => DreamAlg::Entropy,
+            AlgArg::TopkMargin => DreamAlg::TopkMargin,
+            AlgArg::ConfidenceThreshold => DreamAlg::ConfidenceThreshold,
+        });
+        let wants_no_threshold =
+            self.factor.is_some() || matches!(alg, Some(a) if a != DreamAlg::ConfidenceThreshold);
+        let threshold = match self.threshold {
+            Some(Threshold::At(t)) => Some(t),
+            Some(Threshold::Off) => None,
+            None if wants_no_threshold => None,
+            None => DecodeOptions::default().threshold,
+        };
+        let gen_length = self.gen_length(config.max_seq_len, prompt_len);
+        DecodeOptions {
+            gen_length,
+            block_length: self.block_length,
+            steps: self.steps.unwrap_or(gen_length),
+            cache: match self.cache {
+                CacheArg::None => CacheMode::None,
+                CacheArg::Prefix => CacheMode::Prefix,
+                CacheArg::Dual => CacheMode::Dual,
+            },
+            threshold,
+            factor: self.factor,
+            suffix_window: self.suffix_window,
+            suffix_tail: self.suffix_tail.unwrap_or(1),
+            confidence_alpha: self.confidence_alpha,
+            early_exit: self.early_exit,
+            alg,
+            mask_id: self.mask_id,
+            eos_id: self.eos_id,
+        }
+    }
+
+    /// `--gen-length` as given; without it the default, cut to the whole
+    /// blocks that fit after the prompt when the model's maximum sequence
+    /// length leaves less room (said on stderr). When not even one block
+    /// fits, the default stays and the request's own error explains.
+    fn gen_length(&self, max_seq_len: usize, prompt_len: usize) -> usize {
+        if let Some(n) = self.gen_length {
+            return n;
+        }
+        let block = self.block_length.max(1);
+        let fitted = max_seq_len.saturating_sub(prompt_len) / block * block;
+        if fitted >= DEFAULT_GEN_LENGTH || fitted == 0 {
+            return DEFAULT_GEN_LENGTH;
+        }
+        eprintln!(
+            "note: --gen-length {fitted} instead of the default {DEFAULT_GEN_LENGTH}: the model's \
+             maximum sequence length is {max_seq_len} and the prompt takes {prompt_len} tokens \
+             (whole blocks of {block})"
+        );
+        fitted
+    }
+}
+
+/// What a request reports with `--json`. `load` is the process's model load;
+/// `call` is the wall time of the whole engine call, so that the device
+/// preparation before the first forward (allocation, per-shape plans) is
+/// reported as `prepare_s` beside the timed forwards.
+pub fn report(
+    engine: &Engine,
+    prompt_len: usize,
+    generation: &Generation,
+    load: Duration,
+    call: Duration,
+) -> dllm::Result<Value> {
+    let total = generation.total_time();
+    let mut out = json!({
+        "tokens": generation.tokens,
+        "nfe": generation.nfe,
+        "device": engine.device_name(),
+        "commit": env!("DLLM_COMMIT"),
+        "cpu_threads": rayon::current_num_threads(),
+        "prompt_tokens": prompt_len,
+        "non_eos_tokens": generation.non_eos_tokens,
+        "timings": {
+            "load_s": load.as_secs_f64(),
+            "prepare_s": call.saturating_sub(total).as_secs_f64(),
+            "prompt_s": generation.prompt_time.as_secs_f64(),
+            "decode_s": generation.decode_time.as_secs_f64(),
+            "total_s": total.as_secs_f64(),
+            "request_s": call.as_secs_f64(),
+            "tokens_per_s": generation.tokens_per_second(),
+            "full_forwards": generation.full_forwards.count,
+            "full_forward_ms": generation.full_forwards.mean_ms(),
+            "cached_forwards": generation.cached_forwards.count,
+            "cached_forward_ms": generation.cached_forwards.mean_ms(),
+        },
+    });
+    if let Some(tokenizer) = &engine.model().tokenizer {
+        out["text"] = tokenizer.decode(&generation.tokens, true)?.into();
+    }
+    Ok(out)
+}
