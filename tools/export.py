@@ -3,7 +3,7 @@
 model.safetensors (bf16), config.json (LLaDA field set), tokenizer.json,
 tokenizer_config.json.
 
-  python3 tools/export.py --ckpt /tmp/tiny-arith-ckpt/ckpt.pt --out models/tiny-arith
+  python3 tools/export.py                  # tools/work/tiny-arith-ckpt/ckpt.pt -> models/tiny-arith
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ import tasks  # noqa: E402
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
-def llada_config(cfg, max_seq=256):
+def llada_config(cfg, max_seq=tasks.MAX_SEQUENCE):
     # same field set as a LLaDA config.json (see shared/golden/llada_tiny_s1/config.json)
     return {
         "activation_type": "silu",
@@ -106,7 +106,7 @@ def check_tokenizer(path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default="/tmp/tiny-arith-ckpt/ckpt.pt")
+    ap.add_argument("--ckpt", default=os.path.join(tasks.CKPT_DIR, "ckpt.pt"))
     ap.add_argument("--out", default="models/tiny-arith")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -31,6 +31,7 @@ Usage:  python3 tools/tasks.py [--out models/tiny-arith/eval.jsonl] [--n 200]
 """
 import argparse
 import json
+import os
 import random
 
 # ---------------------------------------------------------------- tokenizer
@@ -48,6 +49,10 @@ N_TOKENS = 99          # tokens the tokenizer knows
 VOCAB_SIZE = 128       # embedding rows (vocab_size = embedding_size in config)
 
 GEN_LENGTH = 64        # generation region (answer + eos padding)
+MAX_PROMPT = 26        # longest prompt of the family (add: "add " + 10 + "+" + 10 + "=")
+MAX_SEQUENCE = MAX_PROMPT + GEN_LENGTH  # the longest sequence training shows the model
+# Where tools/train.py writes its checkpoints (git ignores tools/work/).
+CKPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "work", "tiny-arith-ckpt")
 
 CHAR_TO_ID = {c: i for i, c in enumerate(PRINTABLE)}
 ID_TO_STR = {i: c for i, c in enumerate(PRINTABLE)}

@@ -46,7 +46,6 @@ def make_config(args):
     }
 
 
-MAX_PROMPT = 26  # longest prompt of the task family (add) is 26 chars; fixed shapes keep oneDNN kernels cached
 
 
 def make_batch(rng, batch, banned):
@@ -59,7 +58,8 @@ def make_batch(rng, batch, banned):
         answers.append(tasks.encode(a))
         names.append(task)
     G = tasks.GEN_LENGTH
-    L = max(MAX_PROMPT, max(len(p) for p in prompts)) + G
+    # Fixed shapes keep oneDNN kernels cached.
+    L = max(tasks.MAX_PROMPT, max(len(p) for p in prompts)) + G
     ids = torch.full((batch, L), tasks.PAD_ID, dtype=torch.long)
     valid = torch.zeros((batch, L), dtype=torch.bool)
     gen = torch.zeros((batch, L), dtype=torch.bool)
@@ -100,7 +100,7 @@ def evaluate(model, rows, bf16=True, batch=100):
         outs, _ = generate_baseline(model, [tasks.encode(r["prompt"]) for r in chunk], tasks.MASK_ID,
                                     gen_length=tasks.GEN_LENGTH, block_length=32, steps=tasks.GEN_LENGTH,
                                     pad_id=tasks.PAD_ID, autocast_bf16=bf16,
-                                    min_len=MAX_PROMPT + tasks.GEN_LENGTH)
+                                    min_len=tasks.MAX_SEQUENCE)
         for r, o in zip(chunk, outs):
             ok = tasks.decode(o) == r["answer"]
             c = res.setdefault(r["task"], [0, 0])
@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--rope_theta", type=float, default=10000.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="/tmp/tiny-arith-ckpt")
+    ap.add_argument("--out", default=tasks.CKPT_DIR)
     ap.add_argument("--eval_file", default="models/tiny-arith/eval.jsonl")
     ap.add_argument("--eval_every", type=int, default=500)
     ap.add_argument("--dev_n", type=int, default=100)
@@ -222,7 +222,9 @@ def main():
             break
     el = elapsed0 + time.time() - t0
     save()
-    meta = {"args": vars(args), "config": cfg, "params": nparam, "steps_done": step,
+    # Where the checkpoint was written says nothing about how it was made.
+    made_with = {k: v for k, v in vars(args).items() if k != "out"}
+    meta = {"args": made_with, "config": cfg, "params": nparam, "steps_done": step,
             "train_seconds": el, "dev_history": history, "torch": torch.__version__}
     with open(os.path.join(args.out, "train_meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
