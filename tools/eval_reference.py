@@ -5,8 +5,8 @@ most confident masked token of the current block, low-confidence remasking,
 greedy argmax), computed in float32.
 
   python3 tools/eval_reference.py                      # exported bf16 weights (models/tiny-arith)
-  python3 tools/eval_reference.py --ckpt /tmp/tiny-arith-ckpt/ckpt.pt          # fp32 master weights
-  python3 tools/eval_reference.py --ckpt /tmp/tiny-arith-ckpt/ckpt.pt --round_bf16
+  python3 tools/eval_reference.py --ckpt tools/work/tiny-arith-ckpt/ckpt.pt   # fp32 master weights
+  python3 tools/eval_reference.py --ckpt tools/work/tiny-arith-ckpt/ckpt.pt --round_bf16
 
 Prompts are encoded with models/tiny-arith/tokenizer.json (checked to give
 one id per character).  Prompts are grouped by length, so no padding and no

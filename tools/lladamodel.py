@@ -1,5 +1,5 @@
 """A LLaDA-layout mask predictor in PyTorch (same tensor names and math as the
-runtime's `model_type: "llada"`, see /work/shared/DESIGN.md section 1), plus the
+runtime's `model_type: "llada"`, see DESIGN.md section 1), plus the
 baseline LLaDA decoder used to measure accuracy."""
 import json
 import math
