@@ -2,6 +2,7 @@
 //! written to be checked by eye against DESIGN §1; the only concessions to
 //! speed are the GEMM (matrixmultiply, multi-threaded) and rayon over rows.
 
+use half::bf16;
 use rayon::prelude::*;
 
 /// `y[n, out] = x[n, inp] · w[out, inp]ᵀ` (PyTorch `Linear` without bias).
@@ -56,6 +57,14 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
             }
         });
     out
+}
+
+/// Rounds every value to the nearest bf16, ties to even (the device's
+/// `__float2bfloat16`), keeping it as f32.
+pub fn round_bf16(values: &mut [f32]) {
+    values
+        .par_iter_mut()
+        .for_each(|v| *v = bf16::from_f32(*v).to_f32());
 }
 
 /// `silu(gate) * up`, in place into `gate`.
@@ -228,6 +237,22 @@ mod tests {
                 assert!((y[r * out + c] - want).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_ties_to_even() {
+        // bf16 keeps 8 significant bits: next to 1 the step is 2⁻⁷.
+        let step = 2f32.powi(-7);
+        let mut v = [
+            1.0 + step / 2.0,     // a tie: down to the even 1.0
+            1.0 + 1.5 * step,     // a tie: up to the even 1 + 2 step
+            1.0 + 0.51 * step,    // above the tie: up
+            -(1.0 + 0.49 * step), // below the tie: toward 1 in magnitude
+            f32::NAN,
+        ];
+        round_bf16(&mut v);
+        assert_eq!(v[..4], [1.0, 1.0 + 2.0 * step, 1.0 + step, -1.0]);
+        assert!(v[4].is_nan());
     }
 
     #[test]
