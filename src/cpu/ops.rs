@@ -43,14 +43,20 @@ pub fn add_in_place(x: &mut [f32], delta: &[f32]) {
     x.iter_mut().zip(delta).for_each(|(a, b)| *a += b);
 }
 
-/// RMSNorm in float32: `x * rsqrt(mean(x²) + eps) * weight`.
+/// RMSNorm in float32: `x * rsqrt(mean(x²) + eps) * weight`. The mean of
+/// squares is summed in f64 and rounded once to f32, so it does not depend on
+/// the order of summation: a sequential f32 sum of 4096 squares can drift by
+/// 1e-5, which rescales the whole row, and when the output is then rounded to
+/// bf16 (`Rounding::Device`) a row of bf16 inputs (an embedding) flips
+/// together every value whose mantissa sat at a rounding boundary.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let d = weight.len();
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_exact_mut(d)
         .zip(x.par_chunks_exact(d))
         .for_each(|(o, row)| {
-            let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let sum_sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+            let mean_sq = (sum_sq / d as f64) as f32;
             let scale = 1.0 / (mean_sq + eps).sqrt();
             for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
                 *o = w * (v * scale);
