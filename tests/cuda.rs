@@ -385,9 +385,9 @@ fn confidence(gpu: &Gpu, logits: &[f32], vocab: usize) -> Vec<TokenStats> {
     let rows = logits.len() / vocab;
     let poison = RowStats {
         token: u32::MAX,
-        prob: f32::NAN,
-        neg_entropy: f32::NAN,
-        margin: f32::NAN,
+        rest: f32::NAN,
+        moment: f32::NAN,
+        gap: f32::NAN,
     };
     let mut stats = upload(gpu, &vec![poison; rows]);
     gpu.kernels
@@ -403,7 +403,7 @@ fn confidence(gpu: &Gpu, logits: &[f32], vocab: usize) -> Vec<TokenStats> {
         .enumerate()
         .map(|(r, s)| {
             assert!(
-                s.token != u32::MAX && s.prob.is_finite() && s.neg_entropy.is_finite(),
+                s.token != u32::MAX && s.rest.is_finite() && s.moment.is_finite(),
                 "row {r} not written: {s:?}"
             );
             TokenStats::from(s)
@@ -452,6 +452,54 @@ fn confidence_matches_token_stats_from_logits() {
                 "row {r}: {got:?} vs {want:?}"
             );
         }
+    }
+}
+
+/// Rows whose top logit stands 28 above the rest have p within 1e-9 of 1,
+/// which f32 holds only as 1.0. Here they differ only in that distance, by
+/// steps of 1e-3, in an order unrelated to their position: the f64 reference
+/// ranks them by it, and so must the kernel's statistics, or a threshold or
+/// top-k choice among confident tokens would follow position instead.
+#[test]
+fn confident_rows_rank_as_the_f64_reference_ranks_them() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let rows = 24;
+    for vocab in [4096, 1001] {
+        let base = rng.values(vocab, 2.0);
+        let top_id = rng.below(vocab);
+        let highest = base.iter().cloned().fold(f32::MIN, f32::max);
+        let mut logits = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            let mut row = base.clone();
+            // 7 is prime to 24: a permutation of the steps, far from sorted.
+            row[top_id] = highest + 28.0 + 1e-3 * ((r * 7) % rows) as f32;
+            logits.extend(row);
+        }
+        let want: Vec<TokenStats> = logits
+            .chunks_exact(vocab)
+            .map(TokenStats::from_logits)
+            .collect();
+        assert!(want.iter().all(|w| 1.0 - w.prob < 1e-9 && w.prob < 1.0));
+        let got = confidence(&gpu, &logits, vocab);
+        // Most confident first, ties by position (as the decode rules break them).
+        let ranking = |stats: &[TokenStats], score: fn(&TokenStats) -> f64| {
+            let mut order: Vec<usize> = (0..rows).collect();
+            order.sort_by(|&a, &b| score(&stats[b]).total_cmp(&score(&stats[a])));
+            order
+        };
+        for (name, score) in [
+            ("prob", (|s: &TokenStats| s.prob) as fn(&TokenStats) -> f64),
+            ("margin", |s: &TokenStats| s.margin),
+        ] {
+            assert_eq!(
+                ranking(&got, score),
+                ranking(&want, score),
+                "vocab {vocab}: rows ranked by {name}:\n{:?}\nvs the reference\n{:?}",
+                got.iter().map(score).collect::<Vec<_>>(),
+                want.iter().map(score).collect::<Vec<_>>()
+            );
+        }
+        assert!(got.iter().all(|g| g.token == top_id as u32));
     }
 }
 

@@ -61,14 +61,23 @@ impl Heads {
     }
 }
 
-/// What the confidence kernel writes per row (kernels/confidence.cu `RowStats`).
+/// What the confidence kernel writes per row (kernels/confidence.cu
+/// `RowStats`): the row's sums relative to its top logit, which the host
+/// turns into probabilities in f64. The kernel cannot: a confident row's top
+/// probability is within 1e-9 of 1, where f32 holds nothing but 1.0.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RowStats {
+    /// Argmax, lowest id on ties.
     pub token: u32,
-    pub prob: f32,
-    pub neg_entropy: f32,
-    pub margin: f32,
+    /// R: the sum of exp(l − top) over every entry but the argmax, summed
+    /// directly (not as S − 1), so it keeps its relative precision however
+    /// small; S = 1 + R.
+    pub rest: f32,
+    /// T: the sum of exp(l − top) (l − top) over the row.
+    pub moment: f32,
+    /// The second-best logit minus the top one (≤ 0).
+    pub gap: f32,
 }
 
 // SAFETY: plain C struct of four 32-bit fields, laid out like the kernel's.
@@ -77,12 +86,17 @@ unsafe impl DeviceRepr for RowStats {}
 unsafe impl ValidAsZeroBits for RowStats {}
 
 impl From<RowStats> for TokenStats {
+    /// With S = 1 + R: p = 1 / S, Σ p ln p = T / S − ln S, and the margin
+    /// p₁ − p₂ = (1 − exp(gap)) / S, each in f64 with `ln_1p` and `exp_m1` so
+    /// that a confident row (R, gap → 0 or −∞) loses nothing to cancellation.
     fn from(s: RowStats) -> TokenStats {
+        let (rest, moment, gap) = (s.rest as f64, s.moment as f64, s.gap as f64);
+        let sum = 1.0 + rest;
         TokenStats {
             token: s.token,
-            prob: s.prob as f64,
-            neg_entropy: s.neg_entropy as f64,
-            margin: s.margin as f64,
+            prob: 1.0 / sum,
+            neg_entropy: moment / sum - rest.ln_1p(),
+            margin: -gap.exp_m1() / sum,
         }
     }
 }
@@ -520,12 +534,32 @@ mod tests {
     #[test]
     fn row_stats_match_the_kernel_layout() {
         assert_eq!(std::mem::size_of::<RowStats>(), 16);
+        // Logits [2, 0, 0]: R = 2e⁻², T = −4e⁻², gap −2.
+        let e = (-2.0f64).exp();
         let stats = TokenStats::from(RowStats {
             token: 7,
-            prob: 0.5,
-            neg_entropy: -1.0,
-            margin: 0.25,
+            rest: (2.0 * e) as f32,
+            moment: (-4.0 * e) as f32,
+            gap: -2.0,
         });
-        assert_eq!((stats.token, stats.prob, stats.margin), (7, 0.5, 0.25));
+        let want = TokenStats::from_logits(&[2.0, 0.0, 0.0]);
+        assert_eq!(stats.token, 7);
+        for (got, want) in [
+            (stats.prob, want.prob),
+            (stats.neg_entropy, want.neg_entropy),
+            (stats.margin, want.margin),
+        ] {
+            // R and T rounded to f32: 6e-8 relative; the reference's 1e-10.
+            assert!((got - want).abs() < 1e-7, "{stats:?} vs {want:?}");
+        }
+        // A confident row keeps what f32 would round away: p = 1 − 1e-12.
+        let confident = TokenStats::from(RowStats {
+            token: 0,
+            rest: 1e-12,
+            moment: -3e-11,
+            gap: -30.0,
+        });
+        assert!(confident.prob < 1.0 && 1.0 - confident.prob > 0.9e-12);
+        assert!(confident.margin < confident.prob);
     }
 }
