@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Exports the public reference implementations into bench/compare/refs/
-# (ignored by git, never committed):
+# (ignored by git, never committed; under 1 MB):
 #   refs/fast-dllm/{llada,dream}        NVlabs/Fast-dLLM
 #   refs/streaming-dllm/LLaDA-1.5       xiaoshideta/Streaming-dLLM
-# from local git mirrors (no network needed). Mirror locations, in order:
-#   $FAST_DLLM_GIT / $STREAMING_DLLM_GIT, then /work/.mirror/<owner>+<name>/repo.
-# A mirror may also be a plain clone. Re-running replaces what is there.
-# Set REFS_COMMIT_FAST / REFS_COMMIT_STREAMING to pin a commit (default HEAD).
+# from a git repository of each: $FAST_DLLM_GIT / $STREAMING_DLLM_GIT (a local
+# clone or mirror), else a fresh clone of the public repository (needs the
+# network). A machine with neither gets the folder brought along instead.
+# Re-running replaces what is there. REFS_COMMIT_FAST / REFS_COMMIT_STREAMING
+# pin a commit (default HEAD); REFS_DIR exports elsewhere.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 refs="${REFS_DIR:-$here/refs}"
-fast_git="${FAST_DLLM_GIT:-/work/.mirror/NVlabs+Fast-dLLM/repo}"
-stream_git="${STREAMING_DLLM_GIT:-/work/.mirror/xiaoshideta+Streaming-dLLM/repo}"
+fast_git="${FAST_DLLM_GIT:-https://github.com/NVlabs/Fast-dLLM.git}"
+stream_git="${STREAMING_DLLM_GIT:-https://github.com/xiaoshideta/Streaming-dLLM.git}"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
 
-export_paths() { # git-dir commit dest paths...
+export_paths() { # git-dir-or-url commit dest paths...
     local git_dir="$1" commit="$2" dest="$3"
     shift 3
+    if [ ! -d "$git_dir" ]; then
+        echo "cloning $git_dir" >&2
+        git clone --quiet --no-checkout "$git_dir" "$scratch/$(basename "$dest")" || {
+            echo "error: cannot clone $git_dir (set FAST_DLLM_GIT / STREAMING_DLLM_GIT to a local clone)" >&2
+            exit 1
+        }
+        git_dir="$scratch/$(basename "$dest")"
+    fi
     if ! git -C "$git_dir" rev-parse --verify -q "$commit^{commit}" >/dev/null; then
         echo "error: no git repository with commit $commit at $git_dir" >&2
         echo "       (set FAST_DLLM_GIT / STREAMING_DLLM_GIT to a clone or mirror)" >&2

@@ -1,19 +1,24 @@
 """The comparison matrix: which cases run, with which arguments on each side,
-how many forwards each must take, and the DESIGN §4 floor of that work.
+in which order, how many forwards each must take, and the DESIGN §4 floor of
+that work.
 
 Random weights make confidences meaningless, so the work is made identical by
 the schedule alone: a fixed number of steps per block (threshold none), each
 step committing the reference's quota k_i (DESIGN §2). With s >= 2 steps per
 block every block ends on its s-th forward on both engines (no idle
 reference forward, DESIGN §3.7), so both NFE equal `steps` exactly.
+
+Besides the timed cases, each model has an agreement probe: the prompt and
+one masked block, decoded in a single step without a cache, so that every
+generated id is the argmax of one full forward over identical inputs on both
+engines (report.py says what is checked).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-
-import numpy as np
 
 # strategy -> (family, reference impl, reference function, dllm flags)
 STRATEGIES = {
@@ -24,6 +29,11 @@ STRATEGIES = {
     "dream-prefix": ("dream", "fast-dream", "diffusion_generate", ["--cache", "prefix", "--alg", "entropy"]),
     "dream-dual": ("dream", "fast-dream", "diffusion_generate", ["--cache", "dual", "--alg", "entropy"]),
 }
+# family -> (reference impl, reference function, dllm flags) of the agreement probe
+PROBES = {
+    "llada": ("fast-llada", "generate", ["--cache", "none"]),
+    "dream": ("fast-dream", "diffusion_generate_unblocked", ["--cache", "none", "--alg", "entropy"]),
+}
 REFERENCE_NAMES = {
     "baseline": "Fast-dLLM llada/generate.py generate",
     "prefix": "Fast-dLLM llada/generate.py generate_with_prefix_cache",
@@ -31,6 +41,8 @@ REFERENCE_NAMES = {
     "streaming": "Streaming-dLLM LLaDA-1.5/generate.py generate_with_prefix_cache",
     "dream-prefix": "Fast-dLLM dream generation_utils_block diffusion_generate (dual_cache=False)",
     "dream-dual": "Fast-dLLM dream generation_utils_block diffusion_generate (dual_cache=True)",
+    "llada-probe": "Fast-dLLM llada/generate.py generate, one step",
+    "dream-probe": "Fast-dLLM dream generation_utils diffusion_generate, one step",
 }
 # Streaming-dLLM's GSM8K settings (LLaDA-1.5/eval_llada.sh): window per gen
 # length, and confidence_alpha (inert here: it relaxes a threshold, and the
@@ -52,10 +64,49 @@ def steps_per_block(block_length: int, tokens_per_forward: float) -> int:
 
 def prompt_ids(length: int, config: dict, seed: int) -> list[int]:
     """Seeded random ids below every special id (mask, eos, bos, pad)."""
+    import numpy as np
+
     special = [config.get(k) for k in ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id")]
     high = min(v for v in special if isinstance(v, int))
     rng = np.random.default_rng([seed, length])
     return rng.integers(0, high, size=length).tolist()
+
+
+def _case(case_id, family, strategy, impl, function, ckpt, config, ids, g, block_length, steps, dflags, **extra):
+    """One case: the reference's arguments and dllm's request flags for the
+    same prompt and schedule."""
+    args = {
+        "gen_length": g,
+        "block_length": block_length,
+        "steps": steps,
+        "threshold": None,
+        "mask_id": config["mask_token_id"],
+        "eos_id": config["eos_token_id"],
+        **extra,
+    }
+    return {
+        "id": case_id,
+        "model": family,
+        "strategy": strategy,
+        "reference": REFERENCE_NAMES[strategy],
+        "impl": impl,
+        "function": function,
+        "ckpt": str(ckpt),
+        "prompt_len": len(ids),
+        "gen_length": g,
+        "block_length": block_length,
+        "steps": steps,
+        "steps_per_block": steps * block_length // g,
+        "tokens_per_forward": g / steps,
+        "expected_nfe": steps,
+        "args": args,
+        "prompt_ids": ids,
+        "dllm_args": [
+            "--prompt-ids", ",".join(map(str, ids)),
+            "--gen-length", str(g), "--block-length", str(block_length), "--steps", str(steps),
+            "--threshold", "none", *dflags,
+        ],
+    }
 
 
 def build_cases(
@@ -67,73 +118,79 @@ def build_cases(
     block_length: int,
     tokens_per_forward: list[float],
     seed: int,
-    device: str,
-    dllm: str,
 ) -> list[dict]:
+    """Every model's agreement probe (at the first prompt length), then the
+    timed cases: strategy x prompt x gen length x schedule."""
     cases = []
+    for family in models:
+        config = json.loads((ckpts[family] / "config.json").read_text())
+        impl, function, flags = PROBES[family]
+        p = prompt_lengths[0]
+        probe_args = {"alg": "entropy"} if family == "dream" else {}
+        cases.append(_case(f"{family}-probe-p{p}", family, f"{family}-probe", impl, function, ckpts[family],
+                           config, prompt_ids(p, config, seed), block_length, block_length, 1, flags,
+                           **probe_args))
     for strategy in strategies:
         family, impl, function, flags = STRATEGIES[strategy]
         if family not in models:
             continue
         config = json.loads((ckpts[family] / "config.json").read_text())
-        mask_id, eos_id = config["mask_token_id"], config["eos_token_id"]
         for p in prompt_lengths:
             ids = prompt_ids(p, config, seed)
             for g in gen_lengths:
                 if g % block_length:
                     raise SystemExit(f"error: gen length {g} is not a multiple of block {block_length}")
-                blocks = g // block_length
                 seen = set()
                 for t in tokens_per_forward:
                     s = steps_per_block(block_length, t)
                     if s in seen:
                         continue
                     seen.add(s)
-                    steps = s * blocks
-                    args = {
-                        "gen_length": g,
-                        "block_length": block_length,
-                        "steps": steps,
-                        "threshold": None,
-                        "mask_id": mask_id,
-                        "eos_id": eos_id,
-                    }
-                    dflags = list(flags)
+                    extra, dflags = {}, list(flags)
                     if strategy == "streaming":
-                        args.update(window_size=window_for(g), confidence_alpha=ALPHA.get(g, 0.3), factor=None)
+                        extra = {"window_size": window_for(g), "confidence_alpha": ALPHA.get(g, 0.3), "factor": None}
                         dflags += ["--suffix-window", str(window_for(g))]
                     if family == "dream":
-                        args.update(alg="entropy", dual_cache=strategy == "dream-dual")
+                        extra = {"alg": "entropy", "dual_cache": strategy == "dream-dual"}
                     case_id = f"{family}-{strategy.removeprefix('dream-')}-p{p}-g{g}-s{s}"
-                    dllm_argv = [
-                        dllm, "generate", "--model", str(ckpts[family]),
-                        "--prompt-ids", ",".join(map(str, ids)),
-                        "--gen-length", str(g), "--block-length", str(block_length), "--steps", str(steps),
-                        "--threshold", "none", *dflags, "--device", device, "--json",
-                    ]
-                    cases.append({
-                        "id": case_id,
-                        "model": family,
-                        "strategy": strategy,
-                        "reference": REFERENCE_NAMES[strategy],
-                        "impl": impl,
-                        "function": function,
-                        "prompt_len": p,
-                        "gen_length": g,
-                        "block_length": block_length,
-                        "steps": steps,
-                        "steps_per_block": s,
-                        "tokens_per_forward": block_length / s,
-                        "expected_nfe": steps,
-                        "args": args,
-                        "prompt_ids": ids,
-                        "dllm_argv": dllm_argv,
-                    })
+                    cases.append(_case(case_id, family, strategy, impl, function, ckpts[family], config, ids, g,
+                                       block_length, s * (g // block_length), dflags, **extra))
     return cases
 
 
+def is_probe(case: dict) -> bool:
+    return case["strategy"].endswith("-probe")
+
+
+def run_order(cases: list[dict]) -> list[dict]:
+    """What every engine process runs, in order: its model's probe, then per
+    strategy one untimed warm-up (a copy of the strategy's first case) before
+    that strategy's cases. A process takes the entries of its own
+    implementation (references) or model (dllm), so both engines run the same
+    warm-ups, in the same order, before the same cases."""
+    order, warmed = [], set()
+    for c in cases:
+        if not is_probe(c) and c["strategy"] not in warmed:
+            warmed.add(c["strategy"])
+            order.append(dict(c, id=f"{c['id']}.warmup", warmup=True))
+        order.append(c)
+    return order
+
+
+def dllm_requests(entries: list[dict]) -> str:
+    """The requests file of `dllm batch` for these entries."""
+    lines = [json.dumps({"id": e["id"], "args": e["dllm_args"], **({"warmup": True} if e.get("warmup") else {})})
+             for e in entries]
+    return "\n".join(lines) + "\n"
+
+
+def dllm_command(case: dict, dllm: str, device: str) -> str:
+    """The single `dllm generate` equivalent of a case, prompt ids elided."""
+    return short_argv([dllm, "generate", "--model", case["ckpt"], "--device", device, "--json", *case["dllm_args"]])
+
+
 def short_argv(argv: list[str]) -> str:
-    """The dllm command with the prompt ids elided, for the report."""
+    """A command with the prompt ids elided, for the report."""
     out = []
     for i, a in enumerate(argv):
         if i > 0 and argv[i - 1] == "--prompt-ids":
@@ -158,7 +215,7 @@ def model_costs(ckpt: Path) -> dict:
         for name, t in header.items():
             if name == "__metadata__":
                 continue
-            numel = int(np.prod(t["shape"])) if t["shape"] else 1
+            numel = math.prod(t["shape"])
             total += numel
             if name.endswith("wte.weight") or name.endswith("embed_tokens.weight"):
                 embed += numel
@@ -188,7 +245,7 @@ def planned_forwards(case: dict) -> list[tuple[int, int, bool]]:
     out = []
     for b in range(g // bk):
         bs, be = p + b * bk, p + (b + 1) * bk
-        if case["strategy"] == "baseline":
+        if case["strategy"] == "baseline" or is_probe(case):
             out += [(total, total, False)] * s
             continue
         if case["strategy"] == "streaming":

@@ -11,15 +11,17 @@ transformers at run time. One process serves one implementation:
   stream-llada  Streaming-dLLM LLaDA-1.5/generate.py: generate_with_prefix_cache
                 (LLaDA-1.5/model/modeling_llada.py)
   fast-dream    Fast-dLLM dream/model/generation_utils_block.py (diffusion_generate
-                with and without dual_cache, dream/model/modeling_dream.py)
+                with and without dual_cache, dream/model/modeling_dream.py), and
+                dream/model/generation_utils.py for the one-step agreement probe
 
-Timing: the case's call is timed whole (synchronised before and after); the
+The cases file lists what to run in order (plan.run_order): warm-ups are run
+like the cases and written with "warmup": true. Timing: the case's call is timed whole (synchronised before and after); the
 first forward's end is synchronised once to time the prompt phase; every
 forward is bracketed by CUDA events (no extra synchronisation) for per-forward
 times. A forward hook also counts the reference's idle forwards: cached
 forwards on a block that holds no mask any more (DESIGN 3.7).
 
-    ref_driver.py run --impl fast-llada --refs DIR --ckpt DIR --cases FILE --out-dir DIR [--device cuda]
+    ref_driver.py run --impl fast-llada --refs DIR --ckpt DIR --cases FILE --out-dir DIR [--device cuda] [--threads N]
     ref_driver.py golden --impl fast-llada --refs DIR --golden tests/data/golden/llada_tiny_s1
 """
 
@@ -29,7 +31,6 @@ import argparse
 import importlib
 import inspect
 import json
-import os
 import platform
 import statistics
 import sys
@@ -170,14 +171,20 @@ class Reference:
                 for child_name, child in list(mod.named_children()):
                     if isinstance(child, self.modeling.DreamRotaryEmbedding):
                         setattr(mod, child_name, self.modeling.DreamRotaryEmbedding(config=config))
-            model.diffusion_generate = types.MethodType(self.gub.DreamGenerationMixin.diffusion_generate, model)
-            model._sample = types.MethodType(self.gub.DreamGenerationMixin._sample, model)
+            self._bind_dream_sampler(model, self.gub)
         model = model.to(device).eval()
         meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if meta:
             raise SystemExit(f"error: tensors left on the meta device: {meta[:5]}")
         self.model, self.config, self.cfg = model, config, cfg
         return model
+
+    @staticmethod
+    def _bind_dream_sampler(model, module):
+        """Dream's samplers are mixins (generation_utils, generation_utils_block)
+        whose diffusion_generate calls self._sample: bind both of one module."""
+        for name in ("diffusion_generate", "_sample"):
+            setattr(model, name, types.MethodType(getattr(module.DreamGenerationMixin, name), model))
 
     # ---- one call of a reference sampler -------------------------------
     def call(self, function: str, prompt, a: dict):
@@ -205,7 +212,7 @@ class Reference:
                 threshold=a.get("threshold"), factor=a.get("factor"), window_size=a["window_size"],
                 confidence_alpha=a.get("confidence_alpha", 0.0),
             )
-        if function == "diffusion_generate":
+        if function in ("diffusion_generate", "diffusion_generate_unblocked"):
             c = self.config
             # What DreamGenerationConfig.from_model_config(model.config) gives
             # under transformers 4.x (the special ids of the model config,
@@ -215,13 +222,22 @@ class Reference:
                 mask_token_id=c.mask_token_id, pad_token_id=c.pad_token_id,
                 bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=c.eos_token_id,
             )
-            out = m.diffusion_generate(
-                prompt, generation_config=gc, attention_mask=None, max_new_tokens=a["gen_length"],
-                output_history=False, return_dict_in_generate=True, steps=a["steps"], temperature=0.0,
-                top_p=None, top_k=None, alg=a["alg"], alg_temp=0.0, threshold=a.get("threshold"),
-                block_length=a["block_length"], dual_cache=a["dual_cache"],
+            common = dict(
+                generation_config=gc, attention_mask=None, max_new_tokens=a["gen_length"], output_history=False,
+                return_dict_in_generate=True, steps=a["steps"], temperature=0.0, top_p=None, top_k=None,
+                alg=a["alg"], alg_temp=0.0,
             )
-            return out.sequences, None
+            if function == "diffusion_generate":
+                out = m.diffusion_generate(prompt, threshold=a.get("threshold"), block_length=a["block_length"],
+                                           dual_cache=a["dual_cache"], **common)
+                return out.sequences, None
+            # The sampler without blocks or cache (generation_utils), for the
+            # probe; the block sampler is bound again afterwards.
+            self._bind_dream_sampler(m, self.gu)
+            try:
+                return m.diffusion_generate(prompt, **common).sequences, None
+            finally:
+                self._bind_dream_sampler(m, self.gub)
         raise SystemExit(f"error: {self.impl} has no function {function}")
 
 
@@ -292,17 +308,13 @@ class ForwardRecorder:
         return out
 
 
-def set_threads(device: str) -> None:
-    """CPU runs use one torch thread unless DLLM_COMPARE_TORCH_THREADS says
-    otherwise: the tiny models gain nothing from more, and on a shared machine
-    spinning worker threads make timings erratic."""
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads: as many as the other engine is given (compare.py
+    passes the same number to dllm), or torch's default."""
     import torch
 
-    n = os.environ.get("DLLM_COMPARE_TORCH_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
-    elif device == "cpu":
-        torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def sync(device):
@@ -351,12 +363,10 @@ def run_case(ref: Reference, rec: ForwardRecorder, case: dict, device: str, eos_
 def cmd_run(args) -> int:
     import torch
 
-    deadline = args.deadline or float("inf")
-    cases = json.loads(Path(args.cases).read_text())
+    entries = [e for e in json.loads(Path(args.cases).read_text()) if e["impl"] == args.impl]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in cases if c["impl"] == args.impl and (args.fresh or not (out_dir / f"{c['id']}.json").exists())]
-    if not todo:
+    if not entries:
         print(f"[{args.impl}] nothing to do", file=sys.stderr)
         return 0
     ref = Reference(args.impl, Path(args.refs))
@@ -368,47 +378,33 @@ def cmd_run(args) -> int:
     rec = ForwardRecorder(ref.model, args.device, 32, mask_id, kv_axis)
     print(f"[{args.impl}] loaded {args.ckpt} on {args.device} in {load_s:.1f} s; shims: {ref.shims}", file=sys.stderr)
 
-    warmed = set()
     with torch.no_grad():
-        for case in todo:
-            if time.time() > deadline:
-                print(f"[{args.impl}] time budget spent: stopping before {case['id']}", file=sys.stderr)
-                return 3
-            key = (case["function"], case["args"].get("dual_cache"))
-            if key not in warmed and args.warmup:
-                # One short call of the same function (two blocks) so that
-                # library initialisation is not charged to the first case.
-                a = dict(case["args"])
-                a["gen_length"] = 2 * a["block_length"]
-                a["steps"] = 2 * (a["steps"] // (case["args"]["gen_length"] // a["block_length"]))
-                run_case(ref, rec, dict(case, args=a), args.device, eos_id)
-                warmed.add(key)
-            runs = [run_case(ref, rec, case, args.device, eos_id) for _ in range(args.repeats)]
-            runs.sort(key=lambda r: r["timings"]["total_s"])
-            best = runs[len(runs) // 2]  # the median run
+        for entry in entries:
+            run = run_case(ref, rec, entry, args.device, eos_id)
             result = {
                 "engine": "reference",
-                "id": case["id"],
+                "id": entry["id"],
+                "warmup": entry.get("warmup", False),
                 "impl": args.impl,
-                "function": case["function"],
-                "args": case["args"],
-                "command": case.get("ref_command"),
+                "function": entry["function"],
+                "args": entry["args"],
+                "command": entry.get("ref_command"),
                 "device": args.device,
                 "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+                "cpu_threads": torch.get_num_threads(),
                 "host": platform.node(),
                 "torch": torch.__version__,
                 "transformers": importlib.import_module("transformers").__version__,
                 "shims": ref.shims,
                 "load_s": load_s,
-                "repeats_total_s": [r["timings"]["total_s"] for r in runs],
-                **best,
+                **run,
             }
-            tmp = out_dir / f".{case['id']}.json.tmp"
+            tmp = out_dir / f".{entry['id']}.json.tmp"
             tmp.write_text(json.dumps(result) + "\n")
-            tmp.rename(out_dir / f"{case['id']}.json")
-            tm = best["timings"]
+            tmp.rename(out_dir / f"{entry['id']}.json")
+            tm = run["timings"]
             print(
-                f"[{args.impl}] {case['id']}: nfe {best['nfe']} (idle {best['nfe_idle']}), "
+                f"[{args.impl}] {entry['id']}: nfe {run['nfe']} (idle {run['nfe_idle']}), "
                 f"total {tm['total_s']:.3f} s, prompt {tm['prompt_s']:.3f} s, {tm['tokens_per_s']:.1f} tok/s",
                 file=sys.stderr,
             )
@@ -497,10 +493,7 @@ def main(argv=None) -> int:
     r.add_argument("--cases", required=True)
     r.add_argument("--out-dir", required=True)
     r.add_argument("--device", default="cuda")
-    r.add_argument("--repeats", type=int, default=1)
-    r.add_argument("--no-warmup", dest="warmup", action="store_false")
-    r.add_argument("--fresh", action="store_true")
-    r.add_argument("--deadline", type=float, default=None, help="unix time after which no case starts")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     g = sub.add_parser("golden")
     g.add_argument("--impl", choices=sorted(IMPL_DIRS), required=True)
     g.add_argument("--refs", default=str(HERE / "refs"))
@@ -514,9 +507,9 @@ def main(argv=None) -> int:
     if args.cmd == "layout":
         return cmd_layout(args)
     if args.cmd == "run":
-        set_threads(args.device)
+        set_threads(args.threads)
         return cmd_run(args)
-    set_threads("cpu")
+    set_threads(1)  # tiny models: more threads only add noise
     return cmd_golden(args)
 
 

@@ -24,10 +24,11 @@ import plan  # noqa: E402
 import report  # noqa: E402
 
 DLLM = REPO / "target" / "release" / "dllm"
+HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
 HAVE_REFS = (HERE / "refs" / "fast-dllm" / "COMMIT").exists() and (HERE / "refs" / "streaming-dllm" / "COMMIT").exists()
 GOLDEN = REPO / "tests" / "data" / "golden"
-ENV = dict(os.environ, DLLM_COMPARE_TORCH_THREADS="1")
+ENV = dict(os.environ)
 
 
 def py(*args, **kw):
@@ -42,30 +43,32 @@ def make_tiny(tmp: Path, model: str, *extra) -> Path:
 
 
 class ReportLogic(unittest.TestCase):
-    """The NFE check, on fabricated results."""
+    """The pass/fail rules, on fabricated results."""
 
-    def case(self, nfe=8):
+    def case(self, nfe=8, strategy="prefix"):
         return {
-            "id": "x", "model": "llada", "strategy": "prefix", "impl": "fast-llada",
+            "id": "x", "model": "llada", "strategy": strategy, "impl": "fast-llada",
             "function": "generate_with_prefix_cache", "prompt_len": 16, "gen_length": 64,
             "block_length": 32, "steps": nfe, "steps_per_block": nfe // 2, "tokens_per_forward": 8.0,
             "expected_nfe": nfe, "args": {},
         }
 
-    def ref(self, nfe, idle=0):
-        return {"nfe": nfe, "nfe_idle": idle, "nfe_forwards": nfe, "tokens": [1] * 64,
-                "timings": {"total_s": 1.0, "prompt_s": 0.1, "tokens_per_s": 64.0}}
+    def ref(self, nfe, idle=0, tokens=None):
+        return {"nfe": nfe, "nfe_idle": idle, "nfe_forwards": nfe, "tokens": tokens or [1] * 64,
+                "non_eos_tokens": 64, "timings": {"total_s": 1.0, "prompt_s": 0.1}}
 
-    def dllm(self, nfe):
-        return {"rc": 0, "nfe": nfe, "tokens": [1] * 64, "timings": {"total_s": 0.5, "prompt_s": 0.05, "tokens_per_s": 128.0}}
+    def dllm(self, nfe, tokens=None, full=2):
+        return {"nfe": nfe, "tokens": tokens or [1] * 64, "non_eos_tokens": 64,
+                "timings": {"request_s": 0.5, "prepare_s": 0.01, "total_s": 0.49, "prompt_s": 0.05,
+                            "full_forwards": full, "cached_forwards": nfe - full}}
 
-    def test_equal_nfe_passes(self):
+    def test_planned_work_and_agreeing_tokens_pass(self):
         self.assertEqual(report.check_case(self.case(), self.ref(8), self.dllm(8))["status"], "ok")
 
     def test_different_nfe_fails(self):
         chk = report.check_case(self.case(), self.ref(9), self.dllm(8))
         self.assertEqual(chk["status"], "nfe-mismatch")
-        self.assertIn("NFE differs", chk["notes"][0])
+        self.assertIn("NFE", chk["notes"][0])
 
     def test_idle_reference_forwards_are_subtracted(self):
         # Fast-dLLM's cached variants run one forward on an already complete
@@ -73,9 +76,33 @@ class ReportLogic(unittest.TestCase):
         self.assertEqual(report.check_case(self.case(), self.ref(10, idle=2), self.dllm(8))["status"], "ok")
         self.assertEqual(report.check_case(self.case(), self.ref(10, idle=1), self.dllm(8))["status"], "nfe-mismatch")
 
+    def test_dllm_must_run_the_planned_kind_of_forwards(self):
+        # Equal NFE, but three full forwards where the plan has two (one a block).
+        chk = report.check_case(self.case(), self.ref(8), self.dllm(8, full=3))
+        self.assertEqual(chk["status"], "forwards-differ")
+
+    def test_first_block_must_agree(self):
+        # A quarter of the first block is enough (past the first near-tie
+        # the runs part); less is a different function.
+        quarter = [1] * 8 + [2] * 56
+        self.assertEqual(report.check_case(self.case(), self.ref(8), self.dllm(8, tokens=quarter))["status"], "ok")
+        less = [1] * 7 + [2] * 57
+        chk = report.check_case(self.case(), self.ref(8), self.dllm(8, tokens=less))
+        self.assertEqual(chk["status"], "tokens-differ")
+        self.assertIn("22% of positions, below 25%", chk["notes"][0])
+
+    def test_probe_ids_must_agree_almost_everywhere(self):
+        probe = dict(self.case(nfe=1, strategy="llada-probe"), gen_length=32, steps_per_block=1)
+        ref = dict(self.ref(1, tokens=[1] * 32))
+        one_flip = [2] + [1] * 31
+        self.assertEqual(report.check_case(probe, ref, self.dllm(1, tokens=one_flip, full=1))["status"], "ok")
+        four_flips = [2] * 4 + [1] * 28
+        self.assertEqual(report.check_case(probe, ref, self.dllm(1, tokens=four_flips, full=1))["status"],
+                         "tokens-differ")
+
     def test_missing_and_failed(self):
         self.assertEqual(report.check_case(self.case(), None, self.dllm(8))["status"], "missing")
-        self.assertEqual(report.check_case(self.case(), self.ref(8), {"rc": 1, "error": "boom"})["status"], "error")
+        self.assertEqual(report.check_case(self.case(), self.ref(8), {"error": "boom"})["status"], "error")
 
     def test_report_exit_status(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -88,19 +115,22 @@ class ReportLogic(unittest.TestCase):
             (runs / "ref").mkdir(parents=True)
             (runs / "dllm").mkdir()
             cases = []
-            for i, (rn, dn) in enumerate([(8, 8), (8, 8)]):
-                c = dict(self.case(), id=f"c{i}", dllm_argv=["dllm", "--model", str(ckpt)])
+            for i in range(2):
+                c = dict(self.case(), id=f"c{i}", ckpt=str(ckpt), dllm_args=["--prompt-ids", "1,2"])
                 cases.append(c)
-                (runs / "ref" / f"c{i}.json").write_text(json.dumps(self.ref(rn)))
-                (runs / "dllm" / f"c{i}.json").write_text(json.dumps(self.dllm(dn)))
+                (runs / "ref" / f"c{i}.json").write_text(json.dumps(self.ref(8)))
+                (runs / "dllm" / f"c{i}.json").write_text(json.dumps(self.dllm(8)))
             (runs / "cases.json").write_text(json.dumps(cases))
             (runs / "floors.json").write_text(json.dumps({
                 "copy_bytes": 1 << 20, "copy_bytes_per_s": 1e10, "matmul_shape": [8, 8, 8],
                 "matmul_dtype": "float32", "matmul_flops_per_s": 1e11}))
+            (runs / "env.json").write_text(json.dumps({"tiny": True, "device": "cpu", "ref_device": "cpu"}))
             run = lambda: py(HERE / "report.py", "--runs", runs, "--out", tmp / "r")
             p = run()
             self.assertEqual(p.returncode, 0, p.stderr)
-            self.assertIn("PASS", (tmp / "r.md").read_text())
+            md = (tmp / "r.md").read_text()
+            self.assertIn("PASS", md)
+            self.assertIn("Harness test, not a speed comparison** (tiny shapes, CPU)", md)
             (runs / "dllm" / "c1.json").write_text(json.dumps(self.dllm(7)))
             p = run()
             self.assertEqual(p.returncode, 1, p.stderr)
@@ -117,6 +147,7 @@ class Plan(unittest.TestCase):
         self.assertEqual([plan.steps_per_block(32, t) for t in (1, 2.8, 8)], [32, 11, 4])
         self.assertEqual(plan.steps_per_block(32, 64), 2)  # never 1
 
+    @unittest.skipUnless(HAVE_NUMPY, "needs numpy")
     def test_prompt_avoids_special_ids(self):
         cfg = json.loads((GOLDEN / "llada_tiny_s1" / "config.json").read_text())
         ids = plan.prompt_ids(900, cfg, 1)
@@ -133,6 +164,30 @@ class Plan(unittest.TestCase):
         self.assertEqual(f[1], (42 + 49 - 10, 42 + 49, True))
         # last block: nothing follows.
         self.assertEqual(f[-1], (32, 138, True))
+
+    @unittest.skipUnless(HAVE_NUMPY, "needs numpy")
+    def test_run_order_warms_each_strategy_up_once_after_the_probe(self):
+        ckpts = {m: GOLDEN / f"{m}_tiny_s1" for m in ("llada", "dream")}
+        cases = plan.build_cases(["llada", "dream"], ["prefix", "baseline", "dream-dual"], ckpts, [16], [64, 128],
+                                 32, [2.8, 8], 1)
+        order = plan.run_order([c for c in cases if c["model"] == "llada"])
+        ids = [e["id"] for e in order]
+        self.assertEqual(ids[0], "llada-probe-p16")
+        self.assertEqual(ids[1:3], ["llada-prefix-p16-g64-s11.warmup", "llada-prefix-p16-g64-s11"])
+        warmups = [e for e in order if e.get("warmup")]
+        self.assertEqual([e["strategy"] for e in warmups], ["prefix", "baseline"])
+        # A warm-up is its strategy's first case, run in full, just before it.
+        first_baseline = next(e for e in order if e["strategy"] == "baseline" and not e.get("warmup"))
+        self.assertEqual(warmups[1]["dllm_args"], first_baseline["dllm_args"])
+        self.assertEqual(order.index(warmups[1]) + 1, order.index(first_baseline))
+        # The probe: one block in one step, no cache, on both engines.
+        probe = order[0]
+        self.assertEqual((probe["gen_length"], probe["steps"], probe["expected_nfe"]), (32, 1, 1))
+        self.assertIn("none", probe["dllm_args"][probe["dllm_args"].index("--cache") + 1])
+        lines = [json.loads(line) for line in plan.dllm_requests(order).splitlines()]
+        self.assertEqual([line["id"] for line in lines], ids)
+        self.assertTrue(lines[1]["warmup"])
+        self.assertNotIn("warmup", lines[2])
 
 
 class Checkpoints(unittest.TestCase):
@@ -162,7 +217,8 @@ class Checkpoints(unittest.TestCase):
                                          ("dream", ("fast-dream",), "7.616")):
                 out = make_tiny(Path(tmp), model, "--sparse")
                 cfg = json.loads((out / "config.json").read_text())
-                real = Path(f"/work/shared/assets/{'llada-config' if model == 'llada' else 'dream-tokenizer'}/config.json")
+                # The published configs, where a checkout has ../shared beside it.
+                real = REPO.parent / "shared" / "assets" / ("llada-config" if model == "llada" else "dream-tokenizer") / "config.json"
                 if real.exists():
                     real_cfg = json.loads(real.read_text())
                     for k, v in cfg.items():
@@ -181,7 +237,7 @@ class References(unittest.TestCase):
     def run_driver(self, tmp: Path, impl: str, ckpt: Path, cases: list[dict]) -> dict:
         (tmp / "cases.json").write_text(json.dumps(cases))
         p = py(HERE / "ref_driver.py", "run", "--impl", impl, "--ckpt", ckpt, "--cases", tmp / "cases.json",
-               "--out-dir", tmp / "ref", "--device", "cpu", "--no-warmup")
+               "--out-dir", tmp / "ref", "--device", "cpu", "--threads", "1")
         self.assertEqual(p.returncode, 0, p.stderr[-3000:])
         return {c["id"]: json.loads((tmp / "ref" / f"{c['id']}.json").read_text()) for c in cases if c["impl"] == impl}
 
@@ -189,8 +245,8 @@ class References(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             ckpts = {m: make_tiny(tmp, m, "--tiny", "--device", "cpu") for m in ("llada", "dream")}
-            cases = plan.build_cases(["llada", "dream"], list(plan.STRATEGIES), ckpts, [16], [64], 32, [8], 1, "cpu", "dllm")
-            self.assertEqual(len(cases), len(plan.STRATEGIES))
+            cases = plan.build_cases(["llada", "dream"], list(plan.STRATEGIES), ckpts, [16], [64], 32, [8], 1)
+            self.assertEqual(len(cases), len(plan.STRATEGIES) + len(plan.PROBES))
             for impl in sorted({c["impl"] for c in cases}):
                 results = self.run_driver(tmp, impl, ckpts[cases[0]["model"] if impl.endswith("llada") else "dream"], cases)
                 for c in cases:
@@ -226,11 +282,12 @@ class References(unittest.TestCase):
                 capture_output=True, text=True)
             self.assertEqual(p.returncode, 0, p.stderr)
             d = json.loads(p.stdout)
-            d["rc"] = 0
             self.assertEqual(d["nfe"], 2)
             self.assertEqual(d["tokens"], r["tokens"])
-            c = {"expected_nfe": 2, "id": "idle"}
-            chk = report.check_case(dict(c, strategy="prefix"), dict(r, forwards=None), d)
+            # Each block completes at its first (full) forward: one step a block.
+            c = {"id": "idle", "strategy": "prefix", "prompt_len": len(prompt), "gen_length": 64, "block_length": 32,
+                 "steps_per_block": 1, "expected_nfe": 2}
+            chk = report.check_case(c, dict(r, forwards=None), d)
             self.assertEqual(chk["status"], "ok", chk)
 
 
