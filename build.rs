@@ -36,6 +36,7 @@ fn main() {
         "CUDA_PATH",
         "DLLM_NVCC_WHEEL_DIR",
         "DLLM_CUDA_SM80",
+        "DLLM_EMU_SANITIZE",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -123,6 +124,7 @@ mod emulator {
             include: include.to_path_buf(),
             kernels: kernels.to_path_buf(),
             emulator: emulator.clone(),
+            sanitize: sanitizer(),
         };
 
         let kernels_and_arrays: Vec<(PathBuf, Vec<String>)> = std::thread::scope(|scope| {
@@ -171,6 +173,21 @@ mod emulator {
         include: PathBuf,
         kernels: PathBuf,
         emulator: PathBuf,
+        /// `-fsanitize=...` for compiling and linking, if asked for.
+        sanitize: Option<String>,
+    }
+
+    /// `DLLM_EMU_SANITIZE=thread` (or `address`) builds the emulated device
+    /// under that sanitizer; the program using it must then start with the
+    /// sanitizer's runtime preloaded (docs/cuda.md).
+    fn sanitizer() -> Option<String> {
+        let kind = std::env::var("DLLM_EMU_SANITIZE").ok()?;
+        assert!(
+            kind == "thread" || kind == "address",
+            "DLLM_EMU_SANITIZE={kind:?}: expected thread or address"
+        );
+        println!("cargo::rustc-env=DLLM_EMU_SANITIZE={kind}");
+        Some(format!("-fsanitize={kind}"))
     }
 
     impl Host {
@@ -195,6 +212,7 @@ mod emulator {
             self.run(
                 Command::new(&self.compiler)
                     .args(extra)
+                    .args(self.sanitize_flags(src))
                     .args(["-x", "c++", "-std=c++17", "-O2", "-g", "-fPIC"])
                     .args(["-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing"])
                     .arg("-I")
@@ -287,10 +305,24 @@ mod emulator {
             self.compile(&unit, dir, &["-fvisibility=hidden"])
         }
 
+        /// The fiber runtime's bookkeeping is shared by every fiber of a
+        /// block by design, so under ThreadSanitizer it stays uninstrumented
+        /// and instead tells the sanitizer about fibers and barriers
+        /// (runtime.cc); everything else is instrumented.
+        fn sanitize_flags(&self, src: &Path) -> Vec<String> {
+            match self.sanitize.as_deref() {
+                Some("-fsanitize=thread") if src.ends_with("runtime.cc") => {
+                    vec!["-DDLLM_EMU_TSAN".into()]
+                }
+                other => other.map(str::to_owned).into_iter().collect(),
+            }
+        }
+
         fn link(&self, library: &Path, soname: &str, inputs: &[PathBuf]) {
             self.run(
                 Command::new(&self.compiler)
                     .args(["-shared", "-pthread"])
+                    .args(&self.sanitize)
                     .arg(format!("-Wl,-soname,{soname}"))
                     .arg("-o")
                     .arg(library)

@@ -76,6 +76,14 @@ extern "C" __global__ void dynamic_shared_overrun_fault(int* out) {
   out[threadIdx.x] = 0;
 }
 
+// Thread 1 reads what thread 0 writes to shared memory, with no barrier
+// between: a race, which the ThreadSanitizer build reports.
+extern "C" __global__ void shared_race_fault(int* out) {
+  __shared__ int value;
+  if (threadIdx.x == 0) value = 42;
+  if (threadIdx.x == 1) out[0] = value;
+}
+
 // Writes element n of an n-element buffer.
 extern "C" __global__ void write_past_end_fault(float* buffer, int n) {
   if (threadIdx.x == 0) buffer[n] = 1.f;

@@ -346,3 +346,49 @@ fn an_access_into_a_guard_page_stops_the_process_naming_the_kernel() {
         "{stderr}"
     );
 }
+
+/// The child half of the next test: runs the racy kernel.
+const RACE_CHILD: &str = "DLLM_TEST_RACE_CHILD";
+
+#[test]
+#[ignore = "needs the emulated device built with DLLM_EMU_SANITIZE=thread and libtsan preloaded (.ci/run runs it)"]
+fn a_race_in_shared_memory_is_reported_by_the_thread_sanitizer_build() {
+    assert_eq!(
+        option_env!("DLLM_EMU_SANITIZE"),
+        Some("thread"),
+        "build with DLLM_EMU_SANITIZE=thread, run with LD_PRELOAD=$(gcc -print-file-name=libtsan.so)"
+    );
+    let (gpu, driver) = gpu();
+    assert_eq!(driver, Driver::Emulated);
+    if std::env::var_os(RACE_CHILD).is_some() {
+        let f = function(&conformance(&gpu), "shared_race_fault");
+        let mut out = gpu.stream.alloc_zeros::<i32>(1).unwrap();
+        let mut args = gpu.stream.launch_builder(&f);
+        args.arg(&mut out);
+        launch(args, "shared_race_fault", WARP).unwrap();
+        return;
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_race_in_shared_memory_is_reported_by_the_thread_sanitizer_build",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(RACE_CHILD, "1")
+        .env(
+            "TSAN_OPTIONS",
+            format!(
+                "halt_on_error=1:exitcode=66:suppressions={}/kernels/emulator/tsan.supp",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert_eq!(child.status.code(), Some(66), "{stderr}");
+    assert!(
+        stderr.contains("ThreadSanitizer: data race") && stderr.contains("shared_race_fault"),
+        "{stderr}"
+    );
+}

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -39,7 +40,8 @@ constexpr size_t VERSION = 130000;
 using Sgemm = void (*)(size_t m, size_t k, size_t n, float alpha, const float* a, ptrdiff_t rsa,
                        ptrdiff_t csa, const float* b, ptrdiff_t rsb, ptrdiff_t csb, float beta,
                        float* c, ptrdiff_t rsc, ptrdiff_t csc);
-Sgemm sgemm = nullptr;
+// Set once by the loading program, read by every thread that multiplies.
+std::atomic<Sgemm> sgemm{nullptr};
 
 Status fail(Status status, const char* entry_point, const std::string& why) {
   emu::fail(CUDA_ERROR_INVALID_VALUE, entry_point, why);
@@ -239,7 +241,8 @@ Status cublasLtMatmul(Handle*, MatmulDesc* desc, const float* alpha, const void*
                       Layout* c, void* D, Layout* d, const Algo* algo, void* workspace,
                       size_t workspace_bytes, CUstream stream) {
   const char* entry = "cublasLtMatmul";
-  if (!sgemm) return fail(NOT_INITIALIZED, entry, "no host GEMM was registered");
+  const Sgemm gemm = sgemm.load();
+  if (!gemm) return fail(NOT_INITIALIZED, entry, "no host GEMM was registered");
   uint64_t m, n, k;
   if (Status s = shape(desc, a, b, c, d, entry, &m, &n, &k)) return s;
   if (!algo || algo->magic != ALGO_MAGIC || algo->m != m || algo->n != n || algo->k != k)
@@ -268,7 +271,7 @@ Status cublasLtMatmul(Handle*, MatmulDesc* desc, const float* alpha, const void*
     // Strides of op(A) (m x k) and op(B) (k x n) over column-major storage.
     const ptrdiff_t lda = la.ld, ldb = lb.ld, ldc = lc.ld;
     const bool ta = op.transa == OP_T, tb = op.transb == OP_T;
-    sgemm(m, k, n, al, a32.data(), ta ? lda : 1, ta ? 1 : lda, b32.data(), tb ? ldb : 1,
+    gemm(m, k, n, al, a32.data(), ta ? lda : 1, ta ? 1 : lda, b32.data(), tb ? ldb : 1,
           tb ? 1 : ldb, be, out, 1, ldc);
     return CUDA_SUCCESS;
   });

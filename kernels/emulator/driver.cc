@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -59,7 +60,7 @@ thread_local CUcontext current_context = nullptr;
 // Captures begun by this thread in thread-local mode: they forbid this
 // thread's allocations.
 thread_local size_t thread_captures = 0;
-bool initialised = false;
+std::atomic<bool> initialised{false};
 
 struct Allocation {
   char* mapping;

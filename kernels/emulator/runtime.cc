@@ -71,6 +71,42 @@ emu_fiber_start:
 // `extern __shared__` array as another name of it.
 extern thread_local unsigned char dllm_emu_dynamic_shared[];
 
+// ThreadSanitizer, when build.rs compiles the emulator with
+// DLLM_EMU_SANITIZE=thread, sees each fiber as a thread of its own (the
+// switches do not synchronise) and the barriers as the only synchronisation
+// between a block's threads, so two threads of a block touching the same
+// shared memory between barriers is reported as the race it is on a GPU.
+// This file itself is not instrumented (build.rs defines DLLM_EMU_TSAN
+// instead): its bookkeeping is what every fiber shares by design.
+#if defined(DLLM_EMU_TSAN)
+extern "C" {
+void* __tsan_get_current_fiber();
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* address);
+void __tsan_release(void* address);
+}
+namespace tsan {
+constexpr unsigned NO_SYNC = 1;  // __tsan_switch_to_fiber_no_sync
+inline void* current() { return __tsan_get_current_fiber(); }
+inline void* create() { return __tsan_create_fiber(0); }
+inline void destroy(void* fiber) { __tsan_destroy_fiber(fiber); }
+inline void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, NO_SYNC); }
+inline void acquire(void* token) { __tsan_acquire(token); }
+inline void release(void* token) { __tsan_release(token); }
+}  // namespace tsan
+#else
+namespace tsan {
+inline void* current() { return nullptr; }
+inline void* create() { return nullptr; }
+inline void destroy(void*) {}
+inline void switch_to(void*) {}
+inline void acquire(void*) {}
+inline void release(void*) {}
+}  // namespace tsan
+#endif
+
 namespace emu {
 
 namespace {
@@ -79,9 +115,16 @@ namespace {
 // read before any write shows; the canary after it is checked per block.
 constexpr unsigned char UNWRITTEN = 0xFF, CANARY = 0xA5;
 
-std::vector<Kernel>& registry() {
-  static std::vector<Kernel> kernels;
-  return kernels;
+// Filled while the library loads, read by whichever thread loads modules:
+// the mutex is what orders the two for ThreadSanitizer.
+struct Registry {
+  std::mutex mutex;
+  std::vector<Kernel> kernels;
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
 }
 
 constexpr size_t PAGE = 4096;
@@ -95,6 +138,13 @@ struct Fiber {
   void* sp = nullptr;
   void** scheduler_sp = nullptr;
   Fiber* warp_end = nullptr;  // one past the last lane of this fiber's warp
+  // ThreadSanitizer's view: this fiber, the scheduler's, and the addresses
+  // whose release/acquire stand for the block's and the warp's barriers.
+  void* tsan = nullptr;
+  void* tsan_scheduler = nullptr;
+  void* block_token = nullptr;
+  void* warp_token = nullptr;
+  char warp_barrier = 0;  // the token of the warp this fiber leads
   const Launch* launch = nullptr;
   State state = State::Ready;
   // A warp barrier's offer and what the lane received.
@@ -111,6 +161,11 @@ struct Worker {
   void* scheduler_sp = nullptr;
   const Launch* launch = nullptr;
   std::string error;
+  // Addresses standing for synchronisation under ThreadSanitizer: the block's
+  // setup before its threads start, its __syncthreads, its threads' ends.
+  struct {
+    char start, barrier, end;
+  } tokens;
 
   char* slot(size_t i) {
     if (!slots) {
@@ -138,13 +193,22 @@ Fiber& running() { return *static_cast<Fiber*>(fiber_top().fiber); }
 // that can run, or for the scheduler: one switch per fiber per barrier.
 void leave(Fiber& fiber, State state) {
   fiber.state = state;
-  for (Fiber* next = &fiber + 1; next < fiber.warp_end; ++next)
-    if (next->state == State::Ready) return emu_switch(&fiber.sp, next->sp);
+  for (Fiber* next = &fiber + 1; next < fiber.warp_end; ++next) {
+    if (next->state != State::Ready) continue;
+    tsan::switch_to(next->tsan);
+    return emu_switch(&fiber.sp, next->sp);
+  }
+  tsan::switch_to(fiber.tsan_scheduler);
   emu_switch(&fiber.sp, *fiber.scheduler_sp);
 }
 
 void fiber_main(Fiber* fiber) {
+  // What the scheduler set up (this fiber's own record included) happens
+  // before the thread runs; what it did, before what follows the block. The
+  // tokens are the worker's, found without reading the record.
+  tsan::acquire(&worker.tokens.start);
   fiber->launch->kernel->invoke(fiber->launch->kernel->function, fiber->launch->params);
+  tsan::release(&worker.tokens.end);
   leave(*fiber, State::Exited);
 }
 
@@ -164,7 +228,15 @@ void* initial_stack(char* slot, Fiber* fiber) {
   return sp;
 }
 
-void yield(State state) { leave(running(), state); }
+// Waits at a barrier: what this thread did before it happens before what
+// every thread of the barrier does after it.
+void yield(State state) {
+  Fiber& fiber = running();
+  void* token = state == State::AtBlockBarrier ? fiber.block_token : fiber.warp_token;
+  tsan::release(token);
+  leave(fiber, state);
+  tsan::acquire(token);
+}
 
 std::string describe(const Fiber& f) {
   char text[96];
@@ -229,10 +301,32 @@ bool run_block(const Launch& launch, uint3 block) {
     f.warp_end = fibers.data() + std::min(threads, (t / WARP + 1) * WARP);
     f.launch = &launch;
     f.sp = initial_stack(worker.slot(t), &f);
+    f.tsan = tsan::create();
+    f.tsan_scheduler = tsan::current();
+    f.block_token = &worker.tokens.barrier;
+    f.warp_token = &fibers[t / WARP * WARP].warp_barrier;
   }
   unsigned char* dynamic = dllm_emu_dynamic_shared;
   std::memset(dynamic, UNWRITTEN, launch.dynamic_shared);
   std::memset(dynamic + launch.dynamic_shared, CANARY, DYNAMIC_SHARED_CANARY);
+  tsan::release(&worker.tokens.start);
+  // However the block ends, what its threads did happens before what follows
+  // the launch; a thread abandoned at a barrier (the launch failed) is
+  // released on its behalf.
+  struct Release {
+    std::vector<Fiber>& fibers;
+    ~Release() {
+      void* scheduler = tsan::current();
+      for (Fiber& f : fibers) {
+        if (f.state == State::Exited) continue;
+        tsan::switch_to(f.tsan);
+        tsan::release(&worker.tokens.end);
+      }
+      tsan::switch_to(scheduler);
+      tsan::acquire(&worker.tokens.end);
+      for (Fiber& f : fibers) tsan::destroy(f.tsan);
+    }
+  } release{fibers};
   // Each warp runs until all its lanes wait at __syncthreads or have exited
   // (its shuffles complete within the warp); then the block barrier opens.
   const size_t warps = (threads + WARP - 1) / WARP;
@@ -243,6 +337,7 @@ bool run_block(const Launch& launch, uint3 block) {
         // The first ready lane runs; each lane hands over to the next (leave).
         for (size_t t = first; t < end; ++t) {
           if (fibers[t].state != State::Ready) continue;
+          tsan::switch_to(fibers[t].tsan);
           emu_switch(&worker.scheduler_sp, fibers[t].sp);
           break;
         }
@@ -352,16 +447,25 @@ class Pool {
 
 }  // namespace
 
-void register_kernel(Kernel kernel) { registry().push_back(std::move(kernel)); }
+void register_kernel(Kernel kernel) {
+  std::lock_guard<std::mutex> lock(registry().mutex);
+  registry().kernels.push_back(std::move(kernel));
+}
 
 const Kernel* find_kernel(const char* name) {
-  for (const Kernel& k : registry())
+  std::lock_guard<std::mutex> lock(registry().mutex);
+  for (const Kernel& k : registry().kernels)
     if (std::strcmp(k.name, name) == 0) return &k;
   return nullptr;
 }
 
 std::string run(const Launch& launch) {
-  static Pool* pool = new Pool;  // never destroyed: its threads outlive static destructors
+  // Never destroyed: its threads outlive static destructors. std::call_once
+  // (pthread_once) rather than a function-local static, whose fast path
+  // ThreadSanitizer cannot see in this uninstrumented file.
+  static std::once_flag once;
+  static Pool* pool;
+  std::call_once(once, [] { pool = new Pool; });
   return pool->run(launch);
 }
 
