@@ -51,21 +51,25 @@ impl Driver {
 
     /// For test suites: `DLLM_CUDA` when set, else the GPU where a driver is
     /// installed, else the emulator, so that a machine without a GPU runs
-    /// every CUDA test instead of skipping it.
+    /// every CUDA test instead of skipping it. Decided once per process, by
+    /// the first caller: once the emulator is loaded it is the libcuda.so
+    /// every later look-up would find.
     pub fn for_tests() -> Result<Driver> {
-        // Once the emulator is loaded, it is the libcuda.so this process sees.
-        if let Some(Ok(active)) = ACTIVE.get() {
-            return Ok(*active);
-        }
-        if std::env::var_os(ENV).is_some() {
-            return Driver::from_env();
-        }
-        // SAFETY: only tries to dlopen the driver library.
-        if unsafe { cudarc::driver::sys::is_culib_present() } {
-            Ok(Driver::Hardware)
-        } else {
-            Ok(Driver::Emulated)
-        }
+        static CHOICE: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+        CHOICE
+            .get_or_init(|| {
+                if std::env::var_os(ENV).is_some() {
+                    return Driver::from_env().map_err(|e| e.to_string());
+                }
+                // SAFETY: only tries to dlopen the driver library.
+                Ok(if unsafe { cudarc::driver::sys::is_culib_present() } {
+                    Driver::Hardware
+                } else {
+                    Driver::Emulated
+                })
+            })
+            .clone()
+            .map_err(Error::Device)
     }
 
     /// Makes this process's CUDA calls go to this driver. The first driver
