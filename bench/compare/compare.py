@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     env = environment(args, version)
     env.update(golden_check=golden, elapsed_s=time.time() - started, stopped=stopped)
     (runs / "env.json").write_text(json.dumps(env, indent=1) + "\n")
-    stem = results / f"compare-{dt.date.today().isoformat()}{"-" + tag if args.tiny else ""}"
+    stem = results / f"compare-{dt.date.today().isoformat()}{'-' + tag if args.tiny else ''}"
     rc = subprocess.run([sys.executable, HERE / "report.py", "--runs", runs, "--out", stem]).returncode
     shutil.make_archive(str(results / f"{stem.name}-runs"), "gztar", runs)
     log(f"report {stem}.md, raw runs {stem}-runs.tar.gz")

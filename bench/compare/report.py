@@ -140,8 +140,11 @@ def fmt(x, spec=".3f", none="–"):
 def row_numbers(case, ref, dl, floor_s):
     """Times of a case on both engines. *total* is the whole request on each
     side: the reference's generate call, dllm's engine call including its
-    device preparation (prepare_s, shown apart too)."""
+    device preparation (prepare_s, shown apart too). A probe checks ids, not
+    speed: it runs first in each process, before any warm-up."""
     r = {}
+    if plan.is_probe(case):
+        return r
     if ref:
         t = ref["timings"]
         r["ref_total"], r["ref_prompt"] = t["total_s"], t["prompt_s"]

@@ -108,6 +108,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "speedup"
         );
     }
+    // What the DESIGN §4 floors of a forward are computed from.
+    let config = &engine.model().config;
+    let model = json!({
+        "parameters": config.parameter_count(),
+        "embedding_parameters": config.vocab_size * config.d_model,
+        "layers": config.n_layers,
+        "q_dim": config.n_heads * config.head_dim,
+        "kv_dim": config.kv_dim(),
+    });
     let mut baseline_s = None;
     for (name, options) in strategies(&base, args.suffix_window) {
         if let Some(only) = &args.only {
@@ -130,6 +139,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "full_forwards": out.full_forwards.count, "full_forward_ms": full_ms,
                     "cached_forwards": out.cached_forwards.count, "cached_forward_ms": cached_ms,
                     "tokens_per_s": out.tokens_per_second(), "speedup": speedup,
+                    "model": model,
                 })
             );
         } else {
