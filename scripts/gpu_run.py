@@ -202,7 +202,7 @@ def prepare(args) -> int:
     if size > MAX_FOLDER or carried > MAX_CARRIED:
         raise SystemExit("error: too large to carry")
     say(f"prepared commit {manifest['commit'][:12]}{' (sources dirty)' if dirty else ''}; run it with "
-        f"`bash scripts/gpu-run.sh` on the GPU machine, carrying {folder.relative_to(REPO)}/")
+        f"`bash scripts/gpu-run.sh` on the GPU machine, carrying {folder}")
     return 0
 
 

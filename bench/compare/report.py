@@ -51,7 +51,7 @@ def load(path: Path):
 #    can flip one. At least PROBE_AGREEMENT of them must agree.
 #  - a timed case must agree on at least FIRST_BLOCK_AGREEMENT of its first
 #    block: its first step is comparable, later steps only until the first
-#    near-tie in the commit order (correct backends measured 37-100% on the
+#    near-tie in the commit order (correct backends measured 47-100% on the
 #    tiny models, bench/compare/README.md).
 # A backend with a wrong index computes another function: its argmax ids
 # agree with the reference's only by chance (a wrong GQA head mapping, tried
@@ -265,7 +265,8 @@ def main(argv=None) -> int:
     n_ok = len(rows) - len(failed) - len(missing)
     if failed:
         kinds = sorted({STATUS_TEXT[r["check"]["status"]].strip("*") for r in failed})
-        verdict, rc = f"FAIL: {len(failed)} of {len(rows)} cases failed ({', '.join(kinds)}); {n_ok} passed", 1
+        verdict, rc = (f"FAIL: {len(failed)} of {len(rows)} cases failed ({', '.join(kinds)}); {n_ok} passed"
+                       + (f", {len(missing)} did not run" if missing else ""), 1)
     elif missing:
         verdict, rc = f"INCOMPLETE: {len(missing)} of {len(rows)} cases did not run; the {n_ok} that ran passed", 3
     else:
