@@ -168,6 +168,21 @@ mod emulator {
         println!("cargo::rustc-cfg=dllm_emulator");
     }
 
+    /// The names of the symbols in binutils' `tool` listing of `object`
+    /// whose lines carry every one of `marks`.
+    fn symbols(tool: &str, flag: &str, object: &Path, marks: &[&str]) -> Vec<String> {
+        let listing = Command::new(tool)
+            .arg(flag)
+            .arg(object)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {tool} (binutils): {e}"));
+        String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .filter(|line| marks.iter().all(|mark| line.contains(mark)))
+            .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
+            .collect()
+    }
+
     struct Host {
         compiler: PathBuf,
         include: PathBuf,
@@ -248,27 +263,9 @@ mod emulator {
                 "-Wno-unknown-pragmas",
             ];
             let probe = self.compile(src, dir, &kernel_flags);
-            let listing = Command::new("objdump")
-                .arg("-t")
-                .arg(&probe)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run objdump (binutils): {e}"));
-            let names: Vec<String> = String::from_utf8_lossy(&listing.stdout)
-                .lines()
-                .filter(|line| line.contains(KERNEL_SECTION) && line.contains(" F "))
-                .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
-                .collect();
+            let names = symbols("objdump", "-t", &probe, &[KERNEL_SECTION, " F "]);
             assert!(!names.is_empty(), "{} defines no kernel", src.display());
-            let symbols = Command::new("readelf")
-                .arg("-sW")
-                .arg(&probe)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run readelf (binutils): {e}"));
-            let arrays: Vec<String> = String::from_utf8_lossy(&symbols.stdout)
-                .lines()
-                .filter(|line| line.contains(" TLS ") && line.contains(" UND "))
-                .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
-                .collect();
+            let arrays = symbols("readelf", "-sW", &probe, &[" TLS ", " UND "]);
             let stem = src.file_stem().expect("a .cu file").to_string_lossy();
             let unit = dir.join(format!("{stem}.registered.cc"));
             let mut text = format!(

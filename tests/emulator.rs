@@ -228,85 +228,63 @@ fn launches_past_the_device_limits_are_clear_errors_naming_the_kernel() {
     assert_eq!(gpu.stream.clone_dtoh(&out).unwrap(), vec![32.0f32; 32]);
 }
 
-/// One of the *_fault kernels, on the emulated device only: on a GPU their
-/// behaviour is undefined, so there the tests have nothing to check and say so.
-fn fault_kernel(name: &str) -> Option<(Gpu, CudaFunction)> {
+/// Launches one of the *_fault kernels with 32 threads and `shared` bytes of
+/// dynamic shared memory on a buffer of `len` 4-byte elements (and `len`
+/// itself, for a kernel that takes it); on the emulated device only: on a GPU
+/// their behaviour is undefined, so there the tests have nothing to check and
+/// say so.
+fn launch_fault(name: &str, len: usize, pass_len: bool, shared: u32) -> Option<String> {
     let (gpu, driver) = gpu();
     if driver != Driver::Emulated {
         eprintln!("{name}: undefined on a GPU; only the emulated device checks it");
         return None;
     }
     let f = function(&conformance(&gpu), name);
-    Some((gpu, f))
+    let mut buffer = gpu.stream.alloc_zeros::<i32>(len).unwrap();
+    let n = len as i32;
+    let mut args = gpu.stream.launch_builder(&f);
+    args.arg(&mut buffer);
+    if pass_len {
+        args.arg(&n);
+    }
+    let config = LaunchConfig {
+        shared_mem_bytes: shared,
+        ..threads((1, 1, 1), (32, 1, 1))
+    };
+    Some(match launch(args, name, config) {
+        Ok(()) => "launched".into(),
+        Err(e) => e.to_string(),
+    })
 }
-
-const WARP: LaunchConfig = LaunchConfig {
-    grid_dim: (1, 1, 1),
-    block_dim: (32, 1, 1),
-    shared_mem_bytes: 0,
-};
 
 #[test]
 fn a_shuffle_naming_a_lane_that_exited_fails_the_launch() {
-    let Some((gpu, f)) = fault_kernel("shuffle_after_exit_fault") else {
-        return;
-    };
-    let mut out = gpu.stream.alloc_zeros::<i32>(32).unwrap();
-    let mut args = gpu.stream.launch_builder(&f);
-    args.arg(&mut out);
-    let err = launch(args, "shuffle_after_exit_fault", WARP)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+    if let Some(err) = launch_fault("shuffle_after_exit_fault", 32, false, 0) {
+        assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+    }
 }
 
 #[test]
 fn threads_waiting_at_different_barriers_fail_the_launch_instead_of_hanging() {
-    let Some((gpu, f)) = fault_kernel("divergent_barrier_fault") else {
-        return;
-    };
-    let mut out = gpu.stream.alloc_zeros::<i32>(32).unwrap();
-    let mut args = gpu.stream.launch_builder(&f);
-    args.arg(&mut out);
-    let err = launch(args, "divergent_barrier_fault", WARP)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+    if let Some(err) = launch_fault("divergent_barrier_fault", 32, false, 0) {
+        assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+    }
 }
 
 #[test]
 fn a_write_past_the_dynamic_shared_memory_of_the_launch_fails_it() {
-    let Some((gpu, f)) = fault_kernel("dynamic_shared_overrun_fault") else {
-        return;
-    };
-    let mut out = gpu.stream.alloc_zeros::<i32>(32).unwrap();
-    let mut args = gpu.stream.launch_builder(&f);
-    args.arg(&mut out);
-    let config = LaunchConfig {
-        shared_mem_bytes: 32 * 4,
-        ..WARP
-    };
-    let err = launch(args, "dynamic_shared_overrun_fault", config)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+    if let Some(err) = launch_fault("dynamic_shared_overrun_fault", 32, false, 32 * 4) {
+        assert!(err.contains("CUDA_ERROR_LAUNCH_FAILED"), "{err}");
+    }
 }
 
 #[test]
 fn a_write_past_the_end_of_an_allocation_is_an_illegal_address() {
-    let Some((gpu, f)) = fault_kernel("write_past_end_fault") else {
-        return;
-    };
-    // 5 floats: the allocation is padded to 32 bytes, so the write lands in
+    // 5 elements: the allocation is padded to 32 bytes, so the write lands in
     // the canary between its end and the guard page.
-    let mut buffer = gpu.stream.alloc_zeros::<f32>(5).unwrap();
-    let n = 5i32;
-    let mut args = gpu.stream.launch_builder(&f);
-    args.arg(&mut buffer).arg(&n);
-    let err = launch(args, "write_past_end_fault", WARP)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{err}");
+    if let Some(err) = launch_fault("write_past_end_fault", 5, true, 0) {
+        assert!(err.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{err}");
+    }
 }
 
 /// The child half of the next test: an access into the guard page after a
@@ -316,12 +294,7 @@ const GUARD_PAGE_CHILD: &str = "DLLM_TEST_GUARD_PAGE_CHILD";
 #[test]
 fn an_access_into_a_guard_page_stops_the_process_naming_the_kernel() {
     if std::env::var_os(GUARD_PAGE_CHILD).is_some() {
-        let (gpu, f) = fault_kernel("write_past_end_fault").unwrap();
-        let mut buffer = gpu.stream.alloc_zeros::<f32>(4).unwrap();
-        let n = 4i32;
-        let mut args = gpu.stream.launch_builder(&f);
-        args.arg(&mut buffer).arg(&n);
-        let _ = launch(args, "write_past_end_fault", WARP);
+        launch_fault("write_past_end_fault", 4, true, 0);
         return;
     }
     if Driver::for_tests().unwrap() != Driver::Emulated {
@@ -358,14 +331,9 @@ fn a_race_in_shared_memory_is_reported_by_the_thread_sanitizer_build() {
         Some("thread"),
         "build with DLLM_EMU_SANITIZE=thread, run with LD_PRELOAD=$(gcc -print-file-name=libtsan.so)"
     );
-    let (gpu, driver) = gpu();
-    assert_eq!(driver, Driver::Emulated);
     if std::env::var_os(RACE_CHILD).is_some() {
-        let f = function(&conformance(&gpu), "shared_race_fault");
-        let mut out = gpu.stream.alloc_zeros::<i32>(1).unwrap();
-        let mut args = gpu.stream.launch_builder(&f);
-        args.arg(&mut out);
-        launch(args, "shared_race_fault", WARP).unwrap();
+        let launched = launch_fault("shared_race_fault", 1, false, 0);
+        assert_eq!(launched.as_deref(), Some("launched"));
         return;
     }
     let child = std::process::Command::new(std::env::current_exe().unwrap())

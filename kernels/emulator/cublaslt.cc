@@ -81,7 +81,10 @@ struct HeuristicResult {
 
 extern "C" {
 
-__attribute__((visibility("default"))) void dllm_emu_set_sgemm(Sgemm gemm) { sgemm = gemm; }
+// The loading program's GEMM, with the signature of Sgemm.
+__attribute__((visibility("default"))) void dllm_emu_set_sgemm(const void* gemm) {
+  sgemm = reinterpret_cast<Sgemm>(gemm);
+}
 
 size_t cublasLtGetVersion() { return VERSION; }
 

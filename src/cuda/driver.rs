@@ -91,6 +91,7 @@ impl Driver {
 
 #[cfg(dllm_emulator)]
 mod emulator {
+    use std::ffi::c_void;
     use std::path::{Path, PathBuf};
 
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
@@ -117,13 +118,13 @@ mod emulator {
                 return Err(format!("cannot load the emulated device: {e}"))
             }
         };
-        type SetGemm = unsafe extern "C" fn(Sgemm);
+        type SetGemm = unsafe extern "C" fn(*const c_void);
         // SAFETY: the symbol has this signature in kernels/emulator/cublaslt.cc.
         unsafe {
             let set = blas
                 .get::<SetGemm>(b"dllm_emu_set_sgemm\0")
                 .map_err(|e| format!("emulated cuBLASLt: {e}"))?;
-            set(sgemm);
+            set(sgemm as *const c_void);
         }
         // Both stay loaded for the life of the process: cudarc holds their
         // symbols from here on.
@@ -158,24 +159,8 @@ mod emulator {
     }
 
     /// The f32 GEMM the emulated cuBLASLt runs after widening its bf16
-    /// operands: `c = alpha a b + beta c` with explicit element strides.
-    type Sgemm = unsafe extern "C" fn(
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: f32,
-        a: *const f32,
-        rsa: isize,
-        csa: isize,
-        b: *const f32,
-        rsb: isize,
-        csb: isize,
-        beta: f32,
-        c: *mut f32,
-        rsc: isize,
-        csc: isize,
-    );
-
+    /// operands: `c = alpha a b + beta c` with explicit element strides, the
+    /// `Sgemm` type of kernels/emulator/cublaslt.cc.
     unsafe extern "C" fn sgemm(
         m: usize,
         k: usize,
