@@ -192,14 +192,14 @@ mod emulator {
         sanitize: Option<String>,
     }
 
-    /// `DLLM_EMU_SANITIZE=thread` (or `address`) builds the emulated device
-    /// under that sanitizer; the program using it must then start with the
-    /// sanitizer's runtime preloaded (docs/cuda.md).
+    /// `DLLM_EMU_SANITIZE=thread` builds the emulated device under
+    /// ThreadSanitizer; the program using it must then start with the
+    /// sanitizer's runtime preloaded (scripts/tsan.sh, docs/cuda.md).
     fn sanitizer() -> Option<String> {
         let kind = std::env::var("DLLM_EMU_SANITIZE").ok()?;
         assert!(
-            kind == "thread" || kind == "address",
-            "DLLM_EMU_SANITIZE={kind:?}: expected thread or address"
+            kind == "thread",
+            "DLLM_EMU_SANITIZE={kind:?}: the emulated device builds under ThreadSanitizer only (thread)"
         );
         println!("cargo::rustc-env=DLLM_EMU_SANITIZE={kind}");
         Some(format!("-fsanitize={kind}"))
