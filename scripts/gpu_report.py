@@ -222,11 +222,13 @@ def plot(path: Path, mode: str, steps, outcomes: dict, bench: list[dict]) -> Non
                     floor.append(b[f"{kind}_floor_ms"] or 0)
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], measured, width=0.4, label="dllm, measured")
-        ax.bar([x + 0.2 for x in xs], floor, width=0.4, label="floor (DESIGN §4)", color="lightgray")
+        if any(floor):
+            ax.bar([x + 0.2 for x in xs], floor, width=0.4, label="floor (DESIGN §4)", color="lightgray")
         ax.set_xticks(list(xs), labels, fontsize=7, rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_ylabel("ms per forward")
-        ax.set_title("dllm bench: forwards against their floors", fontsize=9)
+        ax.set_title(f"dllm bench: forwards{' against their floors' if any(floor) else ' (floors not measured)'}",
+                     fontsize=9)
         ax.legend(fontsize=7)
 
     if cases:
