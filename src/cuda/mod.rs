@@ -357,7 +357,7 @@ impl CudaBackend {
         let b = self
             .buffers
             .as_mut()
-            .expect("forward succeeded, so prepare did");
+            .expect("upload() checked the buffers");
         self.gpu.kernels.rms_norm(
             &self.gpu.stream,
             &b.x.slice(rows.start * d..rows.end * d),
