@@ -6,7 +6,7 @@
 #   - kernel tests of tests/cuda.rs, which must run without a report: by
 #     default RMSNorm's and confidence's (shared memory and warp shuffles,
 #     a few minutes); name others to run them instead, e.g. `attention`
-#     (its test ran past 15 minutes under the sanitizer here, unfinished).
+#     (its test takes about 12 minutes under the sanitizer on 2 cores).
 # A report stops the test binary with exit status 66. docs/cuda.md has the
 # details.
 #
