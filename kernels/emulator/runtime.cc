@@ -1,10 +1,10 @@
 // Runs a grid on the host. Blocks are spread over a pool of host threads; the
 // threads of one block are fibers on one host thread. A fiber runs until it
-// reaches a barrier (__syncthreads, __syncwarp, a shuffle) or exits; when
-// every fiber of the block stands at a barrier, the scheduler releases the
-// barriers that are complete (a warp's shuffle once all lanes of its mask have
-// offered their value, __syncthreads once every thread that has not exited is
-// there) and runs them again. A barrier that can never complete (threads at
+// reaches a barrier (__syncthreads, __syncwarp, a shuffle) or exits, then
+// hands over to the next lane of its warp. A warp's shuffle completes once
+// every lane of its mask has offered its value, so a warp runs on until all
+// its lanes wait at __syncthreads, which opens once every thread of the block
+// that has not exited is there. A barrier that can never complete (threads at
 // different barriers, a shuffle naming a lane that exited) fails the launch
 // with a description instead of hanging.
 #include "runtime.h"
