@@ -354,10 +354,7 @@ impl CudaBackend {
             self.config.rms_eps,
         );
         let r = rows.len();
-        let b = self
-            .buffers
-            .as_mut()
-            .expect("upload() checked the buffers");
+        let b = self.buffers.as_mut().expect("upload() checked the buffers");
         self.gpu.kernels.rms_norm(
             &self.gpu.stream,
             &b.x.slice(rows.start * d..rows.end * d),
