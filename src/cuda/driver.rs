@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 
 /// The environment variable that selects the emulated device.
-pub const ENV: &str = "DLLM_CUDA";
+const ENV: &str = "DLLM_CUDA";
 
 /// The driver this process activated, or why it could not.
 static ACTIVE: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();

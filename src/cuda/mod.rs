@@ -41,7 +41,7 @@ pub use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use buffers::{Buffers, Footprint, HEAD_ROWS};
-pub use driver::{Driver, ENV as DRIVER_ENV};
+pub use driver::Driver;
 pub use gemm::Gemm;
 use graphs::{Graphs, Launch, Step};
 pub use kernels::{AttentionScratch, AttentionSplit, Heads, Kernels, RowStats, KERNELS_BUILT};
@@ -49,9 +49,6 @@ use weights::Weights;
 
 /// The oldest driver API that loads kernels built by nvcc 13.0.
 const MIN_DRIVER: i32 = 13000;
-/// Captures on the backend's thread only; other threads' calls are unaffected.
-const CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: CUstreamCaptureMode =
-    CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
 const GIB: f64 = (1u64 << 30) as f64;
 const CUBLAS_13: &str = "install CUDA 13's cuBLAS (the CUDA toolkit, or `pip install \
                          nvidia-cublas` and put its nvidia/cu13/lib first on LD_LIBRARY_PATH)";
@@ -488,7 +485,8 @@ impl CudaBackend {
             Launch::Capture => {
                 let stream = self.gpu.stream.clone();
                 stream
-                    .begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    // Thread-local: other threads' calls are unaffected.
+                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(driver_error("capturing a step"))?;
                 let recorded = self.layers(step);
                 // End the capture whatever happened, so the stream is usable.
