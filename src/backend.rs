@@ -7,6 +7,11 @@
 //! a prefix-cache step writes the block and everything after it; a DualCache
 //! step writes only the block's slots and attends over the whole cache. A
 //! pruned suffix is just a cache whose slots hold non-contiguous positions.
+//!
+//! Many sequences share one cache, a pool of fixed-size pages ([`CacheLayout`]):
+//! a pass names the pages that hold its sequence's slots, and a backend runs
+//! the passes of many sequences as one batch ([`Backend::logits`]). A
+//! sequence's outputs do not depend on the other sequences in its batch.
 
 use std::ops::Range;
 
@@ -27,29 +32,92 @@ pub struct ForwardPass<'a> {
     pub attend_len: usize,
     /// Query rows whose output distribution is wanted.
     pub rows: Range<usize>,
+    /// The cache pages holding the sequence's slots, in slot order: slot `s`
+    /// is slot `s % page_size` of page `pages[s / page_size]`.
+    pub pages: &'a [u32],
 }
+
+/// The page table of a sequence alone in a [`CacheLayout::single`] cache.
+pub const SINGLE_PAGE: &[u32] = &[0];
 
 impl ForwardPass<'_> {
     /// Checks the invariants every backend relies on.
-    pub fn validate(&self, cache_slots: usize) -> Result<()> {
+    pub fn validate(&self, layout: &CacheLayout) -> Result<()> {
         let n = self.tokens.len();
         let ok = n > 0
             && self.positions.len() == n
             && self.write_slot + n <= self.attend_len
-            && self.attend_len <= cache_slots
+            && self.attend_len <= self.pages.len() * layout.page_size
+            && self.pages.iter().all(|&p| (p as usize) < layout.pages)
             && self.rows.start <= self.rows.end
             && self.rows.end <= n;
         if ok {
             Ok(())
         } else {
             Err(crate::Error::invalid(format!(
-                "malformed forward pass: {n} tokens, {} positions, write slot {}, attend {} of {cache_slots} slots, rows {:?}",
+                "malformed forward pass: {n} tokens, {} positions, write slot {}, attend {} slots of pages {:?} in a cache of {} pages of {} slots, rows {:?}",
                 self.positions.len(),
                 self.write_slot,
                 self.attend_len,
+                self.pages,
+                layout.pages,
+                layout.page_size,
                 self.rows
             )))
         }
+    }
+
+    /// Physical cache slot of the sequence's slot `slot`.
+    pub fn physical_slot(&self, slot: usize, page_size: usize) -> usize {
+        self.pages[slot / page_size] as usize * page_size + slot % page_size
+    }
+
+    /// Checks every pass, and that no two write the same pages: the passes of
+    /// one batch belong to different sequences.
+    pub fn validate_batch(passes: &[ForwardPass], layout: &CacheLayout) -> Result<()> {
+        if passes.is_empty() {
+            return Err(crate::Error::invalid(
+                "a forward batch needs at least one pass",
+            ));
+        }
+        let mut owner = vec![usize::MAX; layout.pages];
+        for (i, pass) in passes.iter().enumerate() {
+            pass.validate(layout)?;
+            for &page in pass.pages {
+                let page = &mut owner[page as usize];
+                if *page != usize::MAX && *page != i {
+                    return Err(crate::Error::invalid(format!(
+                        "passes {} and {i} of a batch share cache pages",
+                        *page
+                    )));
+                }
+                *page = i;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shape of a backend's key/value cache: `pages` pages of `page_size`
+/// slots each, shared by all sequences. A slot holds one position's key and
+/// value in every layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheLayout {
+    pub pages: usize,
+    pub page_size: usize,
+}
+
+impl CacheLayout {
+    /// A cache for one sequence of `slots` slots: one page ([`SINGLE_PAGE`]).
+    pub fn single(slots: usize) -> CacheLayout {
+        CacheLayout {
+            pages: 1,
+            page_size: slots,
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.pages * self.page_size
     }
 }
 
@@ -111,33 +179,64 @@ impl TokenStats {
 }
 
 /// A device that runs the model. Implementations own the weights in their
-/// storage format and a key/value cache sized by [`Backend::prepare`].
+/// storage format and a key/value cache shaped by [`Backend::allocate_cache`].
 pub trait Backend {
     /// Human-readable device name for reports.
     fn device_name(&self) -> String;
 
-    /// Sizes the key/value cache for up to `slots` positions. Called once per
-    /// request; contents after it are unspecified.
-    fn prepare(&mut self, slots: usize) -> Result<()>;
+    /// Bytes one cache slot takes: a key and a value in every layer.
+    fn cache_slot_bytes(&self) -> usize;
 
-    /// Announces the passes a request will run, after [`Backend::prepare`]
-    /// and before its first forward, so that a backend can make its
-    /// per-shape preparations (cuBLASLt plans) outside the timed steps.
+    /// Bytes the key/value cache may take when nobody says: what the device
+    /// can spare once the weights are loaded.
+    fn cache_budget(&self) -> Result<usize>;
+
+    /// Allocates the key/value cache (replacing any earlier one); contents
+    /// after it are unspecified.
+    fn allocate_cache(&mut self, layout: CacheLayout) -> Result<()>;
+
+    /// A cache for one sequence of up to `slots` positions, addressed by
+    /// [`SINGLE_PAGE`].
+    fn prepare(&mut self, slots: usize) -> Result<()> {
+        self.allocate_cache(CacheLayout::single(slots))
+    }
+
+    /// Announces the passes a request will run, before its first forward, so
+    /// that a backend can make its per-shape preparations (cuBLASLt plans)
+    /// outside the timed steps.
     fn expect(&mut self, _shapes: &PassShapes) -> Result<()> {
         Ok(())
     }
 
-    /// Raw logits of `pass.rows`, row-major `[rows, vocab]`.
-    fn logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>>;
+    /// Runs the passes of a batch (one per sequence) together and returns,
+    /// for each, the raw logits of its rows, row-major `[rows, vocab]`.
+    fn logits(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<f32>>>;
 
-    /// Output statistics of `pass.rows`: what the samplers read. A GPU backend
-    /// computes them on the device so only a few bytes per row come back.
-    fn token_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
-        let logits = self.logits(pass)?;
-        let vocab = logits.len() / pass.rows.len().max(1);
-        Ok(logits
-            .chunks_exact(vocab)
-            .map(TokenStats::from_logits)
+    /// The logits of one sequence's pass.
+    fn logits_of(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
+        Ok(self.logits(std::slice::from_ref(pass))?.remove(0))
+    }
+
+    /// The token statistics of one sequence's pass.
+    fn token_stats_of(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
+        Ok(self.token_stats(std::slice::from_ref(pass))?.remove(0))
+    }
+
+    /// Output statistics of each pass's rows: what the samplers read. A GPU
+    /// backend computes them on the device so only a few bytes per row come
+    /// back.
+    fn token_stats(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<TokenStats>>> {
+        Ok(self
+            .logits(passes)?
+            .iter()
+            .zip(passes)
+            .map(|(logits, pass)| {
+                let vocab = logits.len() / pass.rows.len().max(1);
+                logits
+                    .chunks_exact(vocab.max(1))
+                    .map(TokenStats::from_logits)
+                    .collect()
+            })
             .collect())
     }
 }

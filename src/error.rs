@@ -35,6 +35,10 @@ pub enum Error {
     InvalidRequest(String),
     #[error("device: {0}")]
     Device(String),
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("internal error while running the request: {0}")]
+    Internal(String),
 }
 
 impl Error {

@@ -14,7 +14,7 @@
 //!
 //! # fn main() -> dllm::Result<()> {
 //! let model = Model::open("models/tiny-arith".as_ref())?;
-//! let mut engine = Engine::new(model, Device::Cpu)?;
+//! let engine = Engine::new(model, Device::Cpu)?;
 //! let prompt = engine.encode_prompt("add 0000004821+0000000937=", false)?;
 //!
 //! // The default is the fast setting: DualCache with threshold 0.9.
@@ -50,14 +50,16 @@ pub mod cuda;
 pub mod decode;
 mod engine;
 pub mod error;
+pub mod kv_pool;
 pub mod model;
 mod progress;
+mod scheduler;
 pub mod synthetic;
 pub mod tokenizer;
 
 pub use backend::{Backend, ForwardPass, TokenStats};
 pub use config::{Family, ModelConfig};
 pub use decode::{CacheMode, DecodeOptions, DreamAlg, ForwardTime, Generation};
-pub use engine::{Device, Engine};
+pub use engine::{BackendFactory, BatchStats, Device, Engine, EngineOptions, Event, RequestHandle};
 pub use error::{Error, Result};
 pub use model::Model;

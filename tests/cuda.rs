@@ -34,7 +34,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use common::golden_dir;
-use dllm::backend::{Backend, ForwardPass, PassShapes, TokenStats};
+use dllm::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats, SINGLE_PAGE};
 use dllm::cpu::ops::{self, AttentionShape, Rope};
 use dllm::cpu::{CpuBackend, Rounding};
 use dllm::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
@@ -621,8 +621,8 @@ const REAL_WIDTH_LOGITS: f32 = 1.5e-2;
 /// logits are about N(0, 1), their top two 0.3 apart on average).
 fn check_pass(cuda: &mut CudaBackend, reference: &mut CpuBackend, pass: &ForwardPass, what: &str) {
     let vocab = 512;
-    let want = reference.logits(pass).unwrap();
-    let got = cuda.logits(pass).unwrap();
+    let want = reference.logits_of(pass).unwrap();
+    let got = cuda.logits_of(pass).unwrap();
     let (err, row) = logits_error(&got, &want, vocab);
     eprintln!("{what}: logits within {err:.2e} of their scale (worst row {row})");
     assert!(
@@ -684,6 +684,7 @@ fn a_real_width_model_matches_the_rounding_reference() {
                 write_slot: 0,
                 attend_len: len,
                 rows: 0..len,
+                pages: SINGLE_PAGE,
             },
             &format!("{request}: full forward over {len}"),
         );
@@ -701,6 +702,7 @@ fn a_real_width_model_matches_the_rounding_reference() {
                 write_slot: block.start,
                 attend_len: len,
                 rows: 0..32,
+                pages: SINGLE_PAGE,
             },
             &format!("{request}: DualCache step"),
         );
@@ -719,6 +721,7 @@ fn a_real_width_model_matches_the_rounding_reference() {
                 write_slot: block.start,
                 attend_len: len,
                 rows: 0..64,
+                pages: SINGLE_PAGE,
             },
             "long: prefix-cache step",
         );
@@ -735,6 +738,7 @@ fn a_real_width_model_matches_the_rounding_reference() {
                 write_slot: block.start,
                 attend_len: block.end + 1,
                 rows: 0..33,
+                pages: SINGLE_PAGE,
             },
             "long: pruned-suffix step",
         );
@@ -862,9 +866,17 @@ impl Backend for Lockstep {
         )
     }
 
-    fn prepare(&mut self, slots: usize) -> dllm::Result<()> {
-        self.reference.prepare(slots)?;
-        self.cuda.prepare(slots)
+    fn cache_slot_bytes(&self) -> usize {
+        self.cuda.cache_slot_bytes()
+    }
+
+    fn cache_budget(&self) -> dllm::Result<usize> {
+        self.cuda.cache_budget()
+    }
+
+    fn allocate_cache(&mut self, layout: CacheLayout) -> dllm::Result<()> {
+        self.reference.allocate_cache(layout)?;
+        self.cuda.allocate_cache(layout)
     }
 
     fn expect(&mut self, shapes: &PassShapes) -> dllm::Result<()> {
@@ -872,15 +884,17 @@ impl Backend for Lockstep {
         self.cuda.expect(shapes)
     }
 
-    fn logits(&mut self, _: &ForwardPass) -> dllm::Result<Vec<f32>> {
+    fn logits(&mut self, _: &[ForwardPass]) -> dllm::Result<Vec<Vec<f32>>> {
         unreachable!("the decode loop asks for token statistics only")
     }
 
-    fn token_stats(&mut self, pass: &ForwardPass) -> dllm::Result<Vec<TokenStats>> {
-        let got = self.cuda.token_stats(pass)?;
-        let want = self.reference.token_stats(pass)?;
-        for (row, (g, w)) in got.iter().zip(&want).enumerate() {
-            self.check(pass, g, w, row);
+    fn token_stats(&mut self, passes: &[ForwardPass]) -> dllm::Result<Vec<Vec<TokenStats>>> {
+        let got = self.cuda.token_stats(passes)?;
+        let want = self.reference.token_stats(passes)?;
+        for (pass, (got, want)) in passes.iter().zip(got.iter().zip(&want)) {
+            for (row, (g, w)) in got.iter().zip(want).enumerate() {
+                self.check(pass, g, w, row);
+            }
         }
         Ok(got)
     }
@@ -994,6 +1008,7 @@ fn a_cache_larger_than_the_gpu_is_a_clear_error() {
         write_slot: 0,
         attend_len: 2,
         rows,
+        pages: SINGLE_PAGE,
     };
-    assert_eq!(gpu.token_stats(&pass).unwrap().len(), 2);
+    assert_eq!(gpu.token_stats_of(&pass).unwrap().len(), 2);
 }

@@ -1,7 +1,7 @@
 //! A step replayed from its CUDA graph computes exactly what the step's
 //! launches compute one by one (on the emulated device where there is no GPU).
 
-use dllm::backend::{Backend, ForwardPass, PassShapes, TokenStats};
+use dllm::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats};
 use dllm::cuda::{CudaBackend, Driver, Gpu};
 use dllm::{CacheMode, DecodeOptions, Model};
 
@@ -16,21 +16,29 @@ impl Backend for Recorded {
         self.cuda.device_name()
     }
 
-    fn prepare(&mut self, slots: usize) -> dllm::Result<()> {
-        self.cuda.prepare(slots)
+    fn cache_slot_bytes(&self) -> usize {
+        self.cuda.cache_slot_bytes()
+    }
+
+    fn cache_budget(&self) -> dllm::Result<usize> {
+        self.cuda.cache_budget()
+    }
+
+    fn allocate_cache(&mut self, layout: CacheLayout) -> dllm::Result<()> {
+        self.cuda.allocate_cache(layout)
     }
 
     fn expect(&mut self, shapes: &PassShapes) -> dllm::Result<()> {
         self.cuda.expect(shapes)
     }
 
-    fn logits(&mut self, pass: &ForwardPass) -> dllm::Result<Vec<f32>> {
-        self.cuda.logits(pass)
+    fn logits(&mut self, passes: &[ForwardPass]) -> dllm::Result<Vec<Vec<f32>>> {
+        self.cuda.logits(passes)
     }
 
-    fn token_stats(&mut self, pass: &ForwardPass) -> dllm::Result<Vec<TokenStats>> {
-        let stats = self.cuda.token_stats(pass)?;
-        self.stats.extend_from_slice(&stats);
+    fn token_stats(&mut self, passes: &[ForwardPass]) -> dllm::Result<Vec<Vec<TokenStats>>> {
+        let stats = self.cuda.token_stats(passes)?;
+        self.stats.extend(stats.iter().flatten().copied());
         Ok(stats)
     }
 }

@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use common::{cases, golden_dir, ids, options_for, prompts, read_npy};
+use dllm::backend::SINGLE_PAGE;
 use dllm::{Backend, Device, Engine, ForwardPass, Model};
 use serde_json::Value;
 
@@ -24,12 +25,13 @@ fn full_logits(backend: &mut dyn Backend, tokens: &[u32], positions: &[u32]) -> 
     backend.prepare(tokens.len()).unwrap();
     let rows: Range<usize> = 0..tokens.len();
     backend
-        .logits(&ForwardPass {
+        .logits_of(&ForwardPass {
             tokens,
             positions,
             write_slot: 0,
             attend_len: tokens.len(),
             rows,
+            pages: SINGLE_PAGE,
         })
         .unwrap()
 }
@@ -83,7 +85,7 @@ fn sharded_checkpoint_gives_the_same_logits() {
 /// Runs every robust case (Dream's vectors mark none unrobust); returns the
 /// number run and the failures.
 fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
-    let mut engine = Engine::new(Model::open(dir).unwrap(), Device::Cpu).unwrap();
+    let engine = Engine::new(Model::open(dir).unwrap(), Device::Cpu).unwrap();
     let golden = cases(model_name);
     let prompts = prompts(&golden);
     let mut failures = Vec::new();

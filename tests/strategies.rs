@@ -27,7 +27,7 @@ fn options(cache: CacheMode, threshold: Option<f64>, window: Option<usize>) -> D
 #[test]
 fn dual_cache_with_a_window_covering_the_suffix_is_dual_cache() {
     for model in ["llada_tiny_s1", "dream_tiny_s1"] {
-        let mut engine = engine(model);
+        let engine = engine(model);
         for threshold in [None, Some(0.9), Some(0.5)] {
             let dual = engine
                 .generate(&PROMPT, &options(CacheMode::Dual, threshold, None))
@@ -52,7 +52,7 @@ fn dual_cache_with_a_window_covering_the_suffix_is_dual_cache() {
 
 #[test]
 fn a_short_window_changes_what_the_model_sees_but_completes_every_block() {
-    let mut engine = engine("llada_tiny_s1");
+    let engine = engine("llada_tiny_s1");
     let dual = engine
         .generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), None))
         .unwrap();
@@ -72,7 +72,7 @@ fn a_short_window_changes_what_the_model_sees_but_completes_every_block() {
 
 #[test]
 fn early_exit_at_eos_in_the_first_block_fills_the_rest_and_stops() {
-    let mut engine = engine("llada_tiny_s1");
+    let engine = engine("llada_tiny_s1");
     let plain = engine
         .generate(&PROMPT, &options(CacheMode::Prefix, Some(0.9), None))
         .unwrap();
@@ -115,7 +115,7 @@ fn bf16_checkpoints_load_as_the_f32_weights_rounded() {
             );
         }
         // And it decodes: every mask is filled.
-        let mut engine = Engine::new(bf16_model, Device::Cpu).unwrap();
+        let engine = Engine::new(bf16_model, Device::Cpu).unwrap();
         let out = engine
             .generate(&PROMPT, &options(CacheMode::Dual, Some(0.9), None))
             .unwrap();
@@ -135,9 +135,17 @@ impl dllm::backend::Backend for Announced {
         self.cpu.device_name()
     }
 
-    fn prepare(&mut self, slots: usize) -> dllm::Result<()> {
+    fn cache_slot_bytes(&self) -> usize {
+        self.cpu.cache_slot_bytes()
+    }
+
+    fn cache_budget(&self) -> dllm::Result<usize> {
+        self.cpu.cache_budget()
+    }
+
+    fn allocate_cache(&mut self, layout: dllm::backend::CacheLayout) -> dllm::Result<()> {
         self.shapes = Default::default();
-        self.cpu.prepare(slots)
+        self.cpu.allocate_cache(layout)
     }
 
     fn expect(&mut self, shapes: &dllm::backend::PassShapes) -> dllm::Result<()> {
@@ -145,16 +153,18 @@ impl dllm::backend::Backend for Announced {
         Ok(())
     }
 
-    fn logits(&mut self, pass: &dllm::backend::ForwardPass) -> dllm::Result<Vec<f32>> {
-        assert!(
-            self.shapes.tokens.contains(&pass.tokens.len()),
-            "a pass of {} tokens, announced {:?}",
-            pass.tokens.len(),
-            self.shapes.tokens
-        );
-        assert!(pass.rows.len() <= self.shapes.max_rows, "{:?}", pass.rows);
-        self.passes += 1;
-        self.cpu.logits(pass)
+    fn logits(&mut self, passes: &[dllm::backend::ForwardPass]) -> dllm::Result<Vec<Vec<f32>>> {
+        for pass in passes {
+            assert!(
+                self.shapes.tokens.contains(&pass.tokens.len()),
+                "a pass of {} tokens, announced {:?}",
+                pass.tokens.len(),
+                self.shapes.tokens
+            );
+            assert!(pass.rows.len() <= self.shapes.max_rows, "{:?}", pass.rows);
+            self.passes += 1;
+        }
+        self.cpu.logits(passes)
     }
 }
 

@@ -102,7 +102,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = args.model.resolve();
     let model = Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let mut engine = Engine::new(model, args.device.into())?;
+    let engine = Engine::new(model, args.device.into())?;
     let load_time = started.elapsed();
 
     let mut stdout = std::io::stdout().lock();

@@ -78,7 +78,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let prompt = synthetic::random_prompt(args.prompt_length, &model.config, 2);
-    let mut engine = Engine::new(model, args.device.into())?;
+    let engine = Engine::new(model, args.device.into())?;
     let load_s = load_start.elapsed().as_secs_f64();
     let base = DecodeOptions {
         gen_length: args.gen_length,

@@ -263,7 +263,7 @@ impl Outcome {
 }
 
 fn evaluate(
-    engine: &mut Engine,
+    engine: &Engine,
     name: &'static str,
     options: &DecodeOptions,
     examples: &[Example],
@@ -369,7 +369,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let examples = select(load_set(&set_path, is_default)?, args.limit);
     let mask_id = model.config.mask_id;
-    let mut engine = Engine::new(model, args.device.into())?;
+    let engine = Engine::new(model, args.device.into())?;
     let prompts = examples
         .iter()
         .map(|e| {
@@ -410,7 +410,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut baseline: Option<Outcome> = None;
     let mut masked: Vec<(&str, usize)> = Vec::new();
     for (name, options) in &chosen {
-        let outcome = evaluate(&mut engine, name, options, &examples, &prompts, mask_id)?;
+        let outcome = evaluate(&engine, name, options, &examples, &prompts, mask_id)?;
         let seconds = outcome.time.as_secs_f64().max(1e-12);
         let speedup = match &baseline {
             _ if *name == "baseline" => Some(1.0),

@@ -27,7 +27,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = args.model.resolve();
     let model = Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let mut engine = Engine::new(model, args.device.into())?;
+    let engine = Engine::new(model, args.device.into())?;
     let load_time = started.elapsed();
     let prompt = args.request.prompt(&engine)?;
     let options = args.request.options(&engine.model().config, prompt.len());

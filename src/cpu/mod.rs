@@ -5,7 +5,7 @@
 
 pub mod ops;
 
-use crate::backend::{Backend, ForwardPass};
+use crate::backend::{Backend, CacheLayout, ForwardPass};
 use crate::checkpoint::TensorView;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -27,9 +27,10 @@ struct Layer {
     down: Vec<f32>,
 }
 
-/// Per-layer keys (rotated at their true positions) and values, `[slots, kv_dim]`.
+/// Per-layer keys (rotated at their true positions) and values,
+/// `[pages * page_size, kv_dim]`: physical slot `i` is row `i`.
 struct KvCache {
-    slots: usize,
+    layout: CacheLayout,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
 }
@@ -120,7 +121,7 @@ impl CpuBackend {
             final_norm: load(&tensors.final_norm),
             head: matrix(&tensors.head),
             cache: KvCache {
-                slots: 0,
+                layout: CacheLayout::default(),
                 keys: Vec::new(),
                 values: Vec::new(),
             },
@@ -131,14 +132,23 @@ impl CpuBackend {
         Ok(backend)
     }
 
-    /// Runs the layers over `pass`, updating the cache, and returns the final
-    /// hidden states of the requested rows.
-    fn hidden_states(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
-        pass.validate(self.cache.slots)?;
+    /// Runs the layers over the passes' tokens together, updating each
+    /// sequence's cache slots, and returns the final hidden states of every
+    /// pass's requested rows, concatenated.
+    ///
+    /// Every row goes through the same arithmetic whatever else is in the
+    /// batch: the GEMMs sum each output in an order fixed by the shapes of the
+    /// weights alone (matrixmultiply blocks only the inner dimension by a
+    /// constant), norms and RoPE are per row, and attention is per sequence.
+    fn hidden_states(&mut self, passes: &[ForwardPass]) -> Result<Vec<f32>> {
+        ForwardPass::validate_batch(passes, &self.cache.layout)?;
         let c = &self.config;
-        let (n, d, kv_dim, f) = (pass.tokens.len(), c.d_model, c.kv_dim(), c.ffn_hidden);
+        let (d, kv_dim, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        let tokens: Vec<u32> = passes.iter().flat_map(|p| p.tokens).copied().collect();
+        let positions: Vec<u32> = passes.iter().flat_map(|p| p.positions).copied().collect();
+        let n = tokens.len();
         let mut x = Vec::with_capacity(n * d);
-        for &t in pass.tokens {
+        for &t in &tokens {
             let t = t as usize;
             if t >= c.vocab_size {
                 return Err(Error::invalid(format!(
@@ -148,13 +158,20 @@ impl CpuBackend {
             }
             x.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
         }
-        let rope = Rope::new(pass.positions, c.head_dim, c.rope_theta);
+        // Each pass's query rows within the batch.
+        let mut spans = Vec::with_capacity(passes.len());
+        let mut row = 0;
+        for pass in passes {
+            spans.push(row..row + pass.tokens.len());
+            row += pass.tokens.len();
+        }
+        let rope = Rope::new(&positions, c.head_dim, c.rope_theta);
         let shape = AttentionShape {
             heads: c.n_heads,
             kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        let written = pass.write_slot * kv_dim..(pass.write_slot + n) * kv_dim;
+        let page_size = self.cache.layout.page_size;
         let rounding = self.rounding;
         for (layer, (keys, values)) in self
             .layers
@@ -173,11 +190,28 @@ impl CpuBackend {
             }
             rope.apply(&mut q, c.n_heads);
             rope.apply(&mut k, c.n_kv_heads);
-            keys[written.clone()].copy_from_slice(&k);
-            values[written.clone()].copy_from_slice(&v);
-            rounding.round(&mut keys[written.clone()]);
-            rounding.round(&mut values[written.clone()]);
-            let mut attn = ops::attention(&q, keys, values, pass.attend_len, &shape);
+            let mut attn = Vec::with_capacity(n * d);
+            for (pass, span) in passes.iter().zip(&spans) {
+                for (i, r) in span.clone().enumerate() {
+                    let slot = pass.physical_slot(pass.write_slot + i, page_size) * kv_dim;
+                    for (cache, new) in [(&mut *keys, &k), (&mut *values, &v)] {
+                        let dst = &mut cache[slot..slot + kv_dim];
+                        dst.copy_from_slice(&new[r * kv_dim..(r + 1) * kv_dim]);
+                        rounding.round(dst);
+                    }
+                }
+                let (pass_keys, pass_values) = (
+                    sequence_slots(keys, pass, page_size, kv_dim),
+                    sequence_slots(values, pass, page_size, kv_dim),
+                );
+                attn.extend(ops::attention(
+                    &q[span.start * d..span.end * d],
+                    &pass_keys,
+                    &pass_values,
+                    pass.attend_len,
+                    &shape,
+                ));
+            }
             rounding.round(&mut attn);
             ops::add_in_place(&mut x, &ops::linear(&attn, &layer.o, n, d, d));
 
@@ -189,8 +223,38 @@ impl CpuBackend {
             rounding.round(&mut gate);
             ops::add_in_place(&mut x, &ops::linear(&gate, &layer.down, n, f, d));
         }
-        Ok(x[pass.rows.start * d..pass.rows.end * d].to_vec())
+        let mut wanted = Vec::new();
+        for (pass, span) in passes.iter().zip(&spans) {
+            let rows = span.start + pass.rows.start..span.start + pass.rows.end;
+            wanted.extend_from_slice(&x[rows.start * d..rows.end * d]);
+        }
+        Ok(wanted)
     }
+}
+
+/// The rows of `cache` holding slots `0..pass.attend_len` of the pass's
+/// sequence, in slot order: borrowed where its pages are consecutive, else
+/// gathered.
+fn sequence_slots<'c>(
+    cache: &'c [f32],
+    pass: &ForwardPass,
+    page_size: usize,
+    kv_dim: usize,
+) -> std::borrow::Cow<'c, [f32]> {
+    let used = pass.attend_len.div_ceil(page_size);
+    let pages = &pass.pages[..used];
+    let first = pages[0] as usize * page_size;
+    if pages.windows(2).all(|w| w[1] == w[0] + 1) {
+        return std::borrow::Cow::Borrowed(
+            &cache[first * kv_dim..(first + pass.attend_len) * kv_dim],
+        );
+    }
+    let mut gathered = Vec::with_capacity(pass.attend_len * kv_dim);
+    for slot in 0..pass.attend_len {
+        let at = pass.physical_slot(slot, page_size) * kv_dim;
+        gathered.extend_from_slice(&cache[at..at + kv_dim]);
+    }
+    std::borrow::Cow::Owned(gathered)
 }
 
 impl Backend for CpuBackend {
@@ -205,30 +269,74 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn prepare(&mut self, slots: usize) -> Result<()> {
-        let size = slots * self.config.kv_dim();
+    fn cache_slot_bytes(&self) -> usize {
+        2 * self.config.n_layers * self.config.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    /// Half the memory available now.
+    fn cache_budget(&self) -> Result<usize> {
+        Ok(available_memory().unwrap_or(8 << 30) / 2)
+    }
+
+    fn allocate_cache(&mut self, layout: CacheLayout) -> Result<()> {
+        let size = layout.slots() * self.config.kv_dim();
         let layers = self.config.n_layers;
+        // Drop the old cache before allocating the new one.
         self.cache = KvCache {
-            slots,
-            keys: vec![vec![0.0; size]; layers],
-            values: vec![vec![0.0; size]; layers],
+            layout: CacheLayout::default(),
+            keys: Vec::new(),
+            values: Vec::new(),
+        };
+        let zeroed = || -> Result<Vec<Vec<f32>>> {
+            (0..layers)
+                .map(|_| {
+                    let mut v = Vec::new();
+                    v.try_reserve_exact(size).map_err(|_| {
+                        Error::Device(format!(
+                            "cannot allocate a key/value cache of {} slots ({:.2} GiB)",
+                            layout.slots(),
+                            (2 * layers * size * 4) as f64 / (1u64 << 30) as f64
+                        ))
+                    })?;
+                    v.resize(size, 0.0);
+                    Ok(v)
+                })
+                .collect()
+        };
+        let (keys, values) = (zeroed()?, zeroed()?);
+        self.cache = KvCache {
+            layout,
+            keys,
+            values,
         };
         Ok(())
     }
 
-    fn logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
-        let hidden = self.hidden_states(pass)?;
+    fn logits(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.hidden_states(passes)?;
         let c = &self.config;
         let mut normed = ops::rms_norm(&hidden, &self.final_norm, c.rms_eps);
         self.rounding.round(&mut normed);
-        Ok(ops::linear(
-            &normed,
-            &self.head,
-            pass.rows.len(),
-            c.d_model,
-            c.vocab_size,
-        ))
+        let rows = hidden.len() / c.d_model;
+        let logits = ops::linear(&normed, &self.head, rows, c.d_model, c.vocab_size);
+        let mut rest = logits.as_slice();
+        Ok(passes
+            .iter()
+            .map(|pass| {
+                let (mine, next) = rest.split_at(pass.rows.len() * c.vocab_size);
+                rest = next;
+                mine.to_vec()
+            })
+            .collect())
     }
+}
+
+/// `MemAvailable` of /proc/meminfo, where there is one.
+fn available_memory() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]
@@ -261,13 +369,14 @@ mod tests {
             write_slot: 0,
             attend_len: 12,
             rows: 0..12,
+            pages: crate::backend::SINGLE_PAGE,
         };
         let mut exact = CpuBackend::new(&model).unwrap();
         let mut rounded = CpuBackend::with_rounding(&model, Rounding::Device).unwrap();
         exact.prepare(12).unwrap();
         rounded.prepare(12).unwrap();
-        let want = exact.logits(&pass).unwrap();
-        let got = rounded.logits(&pass).unwrap();
+        let want = exact.logits_of(&pass).unwrap();
+        let got = rounded.logits_of(&pass).unwrap();
 
         let all_bf16 = |b: &CpuBackend| {
             let cache = &b.cache;

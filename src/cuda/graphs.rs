@@ -24,6 +24,8 @@ const MAX_GRAPHS: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Step {
     pub tokens: usize,
+    /// First physical cache slot of the pass's sequence.
+    pub base_slot: usize,
     pub write_slot: usize,
     pub attend_len: usize,
 }

@@ -35,7 +35,7 @@ pub use cudarc;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
-use crate::backend::{Backend, ForwardPass, PassShapes, TokenStats};
+use crate::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats};
 use crate::config::ModelConfig;
 pub use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
@@ -152,8 +152,9 @@ impl Gpu {
 pub struct CudaBackend {
     config: ModelConfig,
     name: String,
-    /// Slots asked for by the last prepare(); the buffers may hold more.
-    slots: usize,
+    /// The cache asked for by the last allocate_cache(); the buffers may
+    /// hold more slots.
+    layout: CacheLayout,
     buffers: Option<Buffers>,
     /// Before the buffers: graphs launch on them.
     graphs: Graphs,
@@ -193,7 +194,7 @@ impl CudaBackend {
             gpu,
             name,
             weights,
-            slots: 0,
+            layout: CacheLayout::default(),
             buffers: None,
             graphs: Graphs::new(),
         })
@@ -220,8 +221,8 @@ impl CudaBackend {
 
     /// Checks `pass` and copies its tokens and positions to the device.
     fn upload(&mut self, pass: &ForwardPass) -> Result<()> {
-        // Before prepare() there are no slots, so no pass validates.
-        pass.validate(self.slots)?;
+        // Before allocate_cache() there are no pages, so no pass validates.
+        pass.validate(&self.layout)?;
         let vocab = self.config.vocab_size;
         if let Some(&bad) = pass.tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::invalid(format!(
@@ -231,7 +232,7 @@ impl CudaBackend {
         let b = self
             .buffers
             .as_mut()
-            .expect("slots > 0, so prepare() allocated the buffers");
+            .expect("pages > 0, so allocate_cache() allocated the buffers");
         let n = pass.tokens.len();
         let stream = &self.gpu.stream;
         stream
@@ -258,6 +259,7 @@ impl CudaBackend {
         let (n, d, f) = (step.tokens, c.d_model, c.ffn_hidden);
         let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
         let (stream, k) = (&gpu.stream, &gpu.kernels);
+        let base = step.base_slot * heads.kv_heads * heads.head_dim;
 
         k.embed(
             stream,
@@ -288,16 +290,16 @@ impl CudaBackend {
                 bias.as_ref(),
                 &b.positions.slice(..n),
                 &weights.inv_freq.as_view(),
-                &mut b.keys[l].as_view_mut(),
-                &mut b.values[l].as_view_mut(),
+                &mut b.keys[l].slice_mut(base..),
+                &mut b.values[l].slice_mut(base..),
                 step.write_slot,
                 heads,
             )?;
             k.attention(
                 stream,
                 &b.qkv.slice(..n * qkv_dim),
-                &b.keys[l].as_view(),
-                &b.values[l].as_view(),
+                &b.keys[l].slice(base..),
+                &b.values[l].slice(base..),
                 &mut b.attn.slice_mut(..n * d),
                 &mut b.scratch,
                 step.attend_len,
@@ -380,16 +382,26 @@ impl Backend for CudaBackend {
         self.name.clone()
     }
 
-    fn prepare(&mut self, slots: usize) -> Result<()> {
+    fn cache_slot_bytes(&self) -> usize {
+        2 * self.config.n_layers * self.config.kv_dim() * std::mem::size_of::<half::bf16>()
+    }
+
+    /// Half the device memory free once the weights are loaded.
+    fn cache_budget(&self) -> Result<usize> {
+        Ok(self.gpu.free_memory()? / 2)
+    }
+
+    fn allocate_cache(&mut self, layout: CacheLayout) -> Result<()> {
+        let slots = layout.slots();
         if self.buffers.as_ref().is_some_and(|b| b.slots >= slots) {
-            self.slots = slots;
+            self.layout = layout;
             return Ok(());
         }
         // Free the old buffers first: their memory counts as available. The
         // graphs launch on them, so they go too.
         self.graphs.clear();
         self.buffers = None;
-        self.slots = 0;
+        self.layout = CacheLayout::default();
         self.gpu
             .stream
             .synchronize()
@@ -414,7 +426,7 @@ impl Backend for CudaBackend {
             slots,
             self.gpu.kernels.sms,
         )?);
-        self.slots = slots;
+        self.layout = layout;
         Ok(())
     }
 
@@ -432,9 +444,23 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
+    fn logits(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<f32>>> {
+        ForwardPass::validate_batch(passes, &self.layout)?;
+        passes.iter().map(|pass| self.pass_logits(pass)).collect()
+    }
+
+    /// The layers run as a graph when their geometry repeats (graphs.rs);
+    /// the head follows for the rows asked.
+    fn token_stats(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<TokenStats>>> {
+        ForwardPass::validate_batch(passes, &self.layout)?;
+        passes.iter().map(|pass| self.pass_stats(pass)).collect()
+    }
+}
+
+impl CudaBackend {
+    fn pass_logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
         self.upload(pass)?;
-        self.layers(&Step::of(pass))?;
+        self.layers(&self.step_of(pass)?)?;
         let vocab = self.config.vocab_size;
         let mut out = vec![0.0f32; pass.rows.len() * vocab];
         for rows in Self::row_chunks(&pass.rows) {
@@ -452,11 +478,10 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    /// The layers run as a graph when their geometry repeats (graphs.rs);
-    /// the head follows for the rows asked.
-    fn token_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
+    fn pass_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
         self.upload(pass)?;
-        self.step(&Step::of(pass))?;
+        let step = self.step_of(pass)?;
+        self.step(&step)?;
         let mut out = Vec::with_capacity(pass.rows.len());
         for rows in Self::row_chunks(&pass.rows) {
             self.stats(rows.clone())?;
@@ -464,15 +489,22 @@ impl Backend for CudaBackend {
         }
         Ok(out)
     }
-}
 
-impl Step {
-    fn of(pass: &ForwardPass) -> Step {
-        Step {
+    /// The geometry of `pass`, whose slots must lie on consecutive pages.
+    fn step_of(&self, pass: &ForwardPass) -> Result<Step> {
+        let page_size = self.layout.page_size;
+        let pages = &pass.pages[..pass.attend_len.div_ceil(page_size)];
+        if !pages.windows(2).all(|w| w[1] == w[0] + 1) {
+            return Err(Error::Device(
+                "the CUDA backend needs each sequence's cache pages to be consecutive".into(),
+            ));
+        }
+        Ok(Step {
             tokens: pass.tokens.len(),
+            base_slot: pages[0] as usize * page_size,
             write_slot: pass.write_slot,
             attend_len: pass.attend_len,
-        }
+        })
     }
 }
 

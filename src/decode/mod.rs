@@ -8,16 +8,17 @@
 
 mod layout;
 mod rule;
+mod sequence;
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 pub use rule::{transfer_schedule, Candidate, Rule};
+pub use sequence::{PassPlan, Progress, Sequence};
 
-use crate::backend::{Backend, ForwardPass, PassShapes, TokenStats};
+use crate::backend::{Backend, PassShapes, TokenStats, SINGLE_PAGE};
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
-use rule::BlockRule;
 
 /// Which key/value cache the steps after a block's first use (DESIGN §3.2-3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,8 +392,9 @@ impl Generation {
     }
 }
 
-/// Decodes `gen_length` tokens after `prompt`. `on_block` receives each
-/// block's tokens as it completes.
+/// Decodes `gen_length` tokens after `prompt`, alone on `backend` (whose
+/// cache it replaces). `on_block` receives each block's tokens as it
+/// completes. [`crate::Engine`] runs many requests at once.
 pub fn generate(
     backend: &mut dyn Backend,
     config: &ModelConfig,
@@ -400,133 +402,17 @@ pub fn generate(
     options: &DecodeOptions,
     on_block: &mut dyn FnMut(&[u32]),
 ) -> Result<Generation> {
-    let plan = Plan::new(options, config, prompt.len())?;
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
-        return Err(Error::invalid(format!(
-            "prompt token id {bad} is outside the vocabulary of {} entries",
-            config.vocab_size
-        )));
-    }
-    let len = prompt.len() + plan.gen_length;
-    let mut x: Vec<u32> = prompt.to_vec();
-    x.resize(len, plan.mask_id);
-    backend.prepare(len)?;
-    backend.expect(&plan.pass_shapes(prompt.len()))?;
-
-    let start = Instant::now();
-    let mut first_forward: Option<Duration> = None;
-    let mut nfe = 0;
-    let (mut full_forwards, mut cached_forwards) = (ForwardTime::default(), ForwardTime::default());
-    let blocks = plan.gen_length / plan.block_length;
-    for block in 0..blocks {
-        let bs = prompt.len() + block * plan.block_length;
-        let be = bs + plan.block_length;
-        let kept = layout::kept_positions(be, len, plan.window, plan.tail);
-        let block_masks = x[bs..be].iter().filter(|&&t| t == plan.mask_id).count();
-        let mut rule = BlockRule::new(plan.rule, block_masks, plan.steps_per_block);
-        let mut step = 0;
-        loop {
-            let masked: Vec<usize> = (bs..be).filter(|&p| x[p] == plan.mask_id).collect();
-            if masked.is_empty() {
-                break;
-            }
-            // Past the schedule every rule commits at least one token a step,
-            // so this many steps means committed tokens are the mask itself.
-            if step >= plan.steps_per_block + plan.block_length {
-                return Err(Error::invalid(format!(
-                    "decoding made no progress in block {block}: the model keeps predicting the mask id {} at masked positions (is the mask id right?)",
-                    plan.mask_id
-                )));
-            }
-            let queries = plan.queries(step, bs, kept.len());
-            let forward_start = Instant::now();
-            let full = queries.start == 0;
-            let mut candidates = forward(backend, &plan, &x, &kept, queries, &masked)?;
-            let kind = if full {
-                &mut full_forwards
-            } else {
-                &mut cached_forwards
-            };
-            kind.add(forward_start.elapsed());
-            nfe += 1;
-            first_forward.get_or_insert_with(|| start.elapsed());
-
-            let commit = if step == 0 && plan.first_step_commits_first_position {
-                candidates.retain(|c| c.position == bs);
-                candidates.len()
-            } else {
-                let seen = &kept[bs..];
-                let masked_seen = seen
-                    .iter()
-                    .filter(|&&p| x[p as usize] == plan.mask_id)
-                    .count();
-                let ratio = masked_seen as f64 / seen.len() as f64;
-                rule.select(step, &mut candidates, ratio)
-            };
-            for c in &candidates[..commit] {
-                x[c.position] = c.token;
-            }
-            step += 1;
-        }
-        on_block(&x[bs..be]);
-        if plan.early_exit && x[bs..be].contains(&plan.eos_id) {
-            x[be..].fill(plan.eos_id);
-            break;
+    let mut sequence = Sequence::new(config, prompt, options)?;
+    backend.prepare(sequence.slots())?;
+    backend.expect(&sequence.pass_shapes())?;
+    while !sequence.is_finished() {
+        let pass = sequence.next_pass()?;
+        let start = Instant::now();
+        let stats = backend.token_stats(&[pass.as_forward(SINGLE_PAGE)])?;
+        let progress = sequence.advance(&stats[0], start.elapsed());
+        for (_, tokens) in &progress.blocks {
+            on_block(tokens);
         }
     }
-    let total = start.elapsed();
-    let prompt_time = first_forward.unwrap_or_default();
-    let tokens = x[prompt.len()..].to_vec();
-    Ok(Generation {
-        non_eos_tokens: tokens.iter().filter(|&&t| t != plan.eos_id).count(),
-        tokens,
-        nfe,
-        full_forwards,
-        cached_forwards,
-        prompt_time,
-        decode_time: total - prompt_time,
-    })
-}
-
-/// Runs one forward over the kept slots `queries` and returns the masked
-/// block positions `masked` as candidates, scored as the plan says.
-fn forward(
-    backend: &mut dyn Backend,
-    plan: &Plan,
-    x: &[u32],
-    kept: &[u32],
-    queries: Range<usize>,
-    masked: &[usize],
-) -> Result<Vec<Candidate>> {
-    // Output row of position p; Dream predicts p from the output at p - 1.
-    let row_of = |p: usize| {
-        let q = p - queries.start;
-        if plan.shifted_logits {
-            q.saturating_sub(1)
-        } else {
-            q
-        }
-    };
-    let (first, last) = (masked[0], masked[masked.len() - 1]);
-    let rows = row_of(first)..row_of(last) + 1;
-    let positions = &kept[queries.clone()];
-    let tokens: Vec<u32> = positions.iter().map(|&p| x[p as usize]).collect();
-    let stats = backend.token_stats(&ForwardPass {
-        tokens: &tokens,
-        positions,
-        write_slot: queries.start,
-        attend_len: kept.len(),
-        rows: rows.clone(),
-    })?;
-    Ok(masked
-        .iter()
-        .map(|&p| {
-            let s = &stats[row_of(p) - rows.start];
-            Candidate {
-                position: p,
-                token: s.token,
-                confidence: plan.score.of(s),
-            }
-        })
-        .collect())
+    Ok(sequence.into_generation())
 }

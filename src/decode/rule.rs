@@ -30,6 +30,7 @@ pub enum Rule {
 }
 
 /// A rule applied to one block, with the per-block state some rules keep.
+#[derive(Debug)]
 pub struct BlockRule {
     rule: Rule,
     schedule: Vec<usize>,
