@@ -36,10 +36,61 @@
 //! # }
 //! ```
 //!
+//! An engine decodes many requests at once (continuous batching): any thread
+//! can [`Engine::submit`] a request, which joins the running batch at the next
+//! step, and read its blocks as they complete from the [`RequestHandle`]. Each
+//! request's tokens are exactly what they would be alone.
+//!
+//! ```
+//! use dllm::{DecodeOptions, Device, Engine, EngineOptions, Event, Model};
+//!
+//! # fn main() -> dllm::Result<()> {
+//! let model = Model::open("models/tiny-arith".as_ref())?;
+//! let engine = Engine::with_options(
+//!     model,
+//!     Device::Cpu,
+//!     EngineOptions { max_batch: 8, ..EngineOptions::default() },
+//! )?;
+//! let options = DecodeOptions { gen_length: 64, steps: 64, ..DecodeOptions::default() };
+//! std::thread::scope(|s| {
+//!     for question in ["add 0000004821+0000000937=", "rev ovtagohtzwhzb1n3="] {
+//!         let engine = &engine;
+//!         let options = &options;
+//!         s.spawn(move || -> dllm::Result<()> {
+//!             let prompt = engine.encode_prompt(question, false)?;
+//!             let mut request = engine.submit(&prompt, options)?;
+//!             loop {
+//!                 match request.next_event() {
+//!                     Event::Block { index, tokens } => {
+//!                         println!("{question} block {index}: {}", engine.decode_text(&tokens)?)
+//!                     }
+//!                     Event::Done(result) => {
+//!                         println!("{question} done in {} forward passes", result?.nfe);
+//!                         return Ok(());
+//!                     }
+//!                 }
+//!             }
+//!         });
+//!     }
+//! });
+//! // A request can be cancelled at any step; dropping its handle does too.
+//! let prompt = engine.encode_prompt("copy j04nj6xh7hema8yp=", false)?;
+//! let request = engine.submit(&prompt, &options)?;
+//! request.cancel();
+//! match request.wait() {
+//!     Err(dllm::Error::Cancelled) => println!("cancelled"),
+//!     other => println!("done before the engine saw the cancel: {:?}", other.map(|g| g.nfe)),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Layout: [`config`] and [`checkpoint`] read a model directory, [`model`]
 //! maps both families onto one set of tensors, [`backend`] is the one forward
-//! primitive every device implements ([`cpu`] is the reference), and
-//! [`decode`] is the single decode loop that every strategy runs through.
+//! primitive every device implements ([`cpu`] is the reference), [`decode`]
+//! is the single decode loop that every strategy runs through, one
+//! [`decode::Sequence`] per request, and the engine's scheduler steps many
+//! sequences as one batch over a paged key/value cache ([`kv_pool`]).
 
 pub mod backend;
 pub mod chat;

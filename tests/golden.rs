@@ -6,10 +6,9 @@ mod common;
 use std::ops::Range;
 use std::path::Path;
 
-use common::{cases, golden_dir, ids, options_for, prompts, read_npy};
+use common::{cases, golden_dir, ids, read_npy, robust_cases};
 use dllm::backend::SINGLE_PAGE;
 use dllm::{Backend, Device, Engine, ForwardPass, Model};
-use serde_json::Value;
 
 fn relative_error(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
@@ -82,34 +81,21 @@ fn sharded_checkpoint_gives_the_same_logits() {
     );
 }
 
-/// Runs every robust case (Dream's vectors mark none unrobust); returns the
-/// number run and the failures.
+/// Runs every robust case one at a time; returns the number run and the
+/// failures.
 fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
     let engine = Engine::new(Model::open(dir).unwrap(), Device::Cpu).unwrap();
-    let golden = cases(model_name);
-    let prompts = prompts(&golden);
+    let cases = robust_cases(model_name);
     let mut failures = Vec::new();
-    let mut robust = 0;
-    for case in golden["cases"].as_array().unwrap() {
-        if !case.get("robust").and_then(Value::as_bool).unwrap_or(true) {
-            continue;
-        }
-        robust += 1;
-        let prompt = &prompts[case["prompt"].as_u64().unwrap() as usize];
-        let options = options_for(case);
-        let out = engine.generate(prompt, &options).unwrap();
-        let want_tokens = ids(&case["tokens"]);
-        let want_nfe = case["nfe"].as_u64().unwrap() as usize
-            - case.get("nfe_idle").and_then(Value::as_u64).unwrap_or(0) as usize;
-        if out.tokens != want_tokens || out.nfe != want_nfe {
+    for case in &cases {
+        let out = engine.generate(&case.prompt, &case.options).unwrap();
+        if out.tokens != case.tokens || out.nfe != case.nfe {
             failures.push(format!(
-                "{} {} prompt {}: nfe {} want {}, tokens {}",
-                case["strategy"],
-                case["args"],
-                case["prompt"],
+                "{}: nfe {} want {}, tokens {}",
+                case.label,
                 out.nfe,
-                want_nfe,
-                if out.tokens == want_tokens {
+                case.nfe,
+                if out.tokens == case.tokens {
                     "equal"
                 } else {
                     "differ"
@@ -117,7 +103,7 @@ fn run_cases(model_name: &str, dir: &Path) -> (usize, Vec<String>) {
             ));
         }
     }
-    (robust, failures)
+    (cases.len(), failures)
 }
 
 #[test]

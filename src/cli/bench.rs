@@ -1,12 +1,16 @@
 //! `dllm bench`: every cache strategy end to end on one model and prompt,
-//! so the table shows what each saves in wall time, not only in NFE.
+//! so the table shows what each saves in wall time, not only in NFE; with
+//! `--batch`, each also with many such requests decoded together, so it
+//! shows what batching adds to throughput.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use dllm::{synthetic, CacheMode, DecodeOptions, Engine, Model};
+use dllm::{synthetic, CacheMode, DecodeOptions, Engine, EngineOptions, Generation, Model};
 use serde_json::json;
+
+use dllm::kv_pool::PAGE_SIZE;
 
 use super::{DeviceArg, ModelArg};
 
@@ -36,9 +40,70 @@ pub struct BenchArgs {
     only: Option<Vec<String>>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// One JSON object per strategy instead of the table.
+    /// Requests decoded together, one run per size (comma-separated): each
+    /// request has its own random prompt of the same length.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batch: Vec<u32>,
+    /// One JSON object per strategy and batch size instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// What a run of `batch` concurrent requests measured.
+struct BatchRun {
+    batch: usize,
+    /// The first request's result (all have the same shape).
+    first: Generation,
+    wall: Duration,
+    non_eos_tokens: usize,
+    mean_latency: Duration,
+    /// Batched forwards and their mean wall time.
+    forwards: usize,
+    mean_forward_ms: f64,
+    mean_batch: f64,
+    /// Query tokens of a batched forward, on average.
+    mean_query_tokens: f64,
+}
+
+impl BatchRun {
+    fn aggregate_tokens_per_s(&self) -> f64 {
+        self.non_eos_tokens as f64 / self.wall.as_secs_f64().max(1e-12)
+    }
+}
+
+/// Submits one request per prompt at once and waits for all of them.
+fn run_batch(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    options: &DecodeOptions,
+) -> anyhow::Result<BatchRun> {
+    let before = engine.stats();
+    let start = Instant::now();
+    let handles = prompts
+        .iter()
+        .map(|p| engine.submit(p, options))
+        .collect::<dllm::Result<Vec<_>>>()?;
+    let mut outs = Vec::with_capacity(handles.len());
+    let mut latency = Duration::ZERO;
+    for handle in handles {
+        outs.push(handle.wait()?);
+        latency += start.elapsed();
+    }
+    let wall = start.elapsed();
+    let after = engine.stats();
+    let forwards = after.forwards - before.forwards;
+    let forward_time = after.forward_time - before.forward_time;
+    Ok(BatchRun {
+        batch: prompts.len(),
+        non_eos_tokens: outs.iter().map(|o| o.non_eos_tokens).sum(),
+        mean_latency: latency / prompts.len() as u32,
+        wall,
+        forwards,
+        mean_forward_ms: forward_time.as_secs_f64() * 1e3 / forwards.max(1) as f64,
+        mean_batch: (after.sequences - before.sequences) as f64 / forwards.max(1) as f64,
+        mean_query_tokens: (after.tokens - before.tokens) as f64 / forwards.max(1) as f64,
+        first: outs.swap_remove(0),
+    })
 }
 
 /// The strategies of the README's table, as options over a common base.
@@ -77,8 +142,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?
         }
     };
-    let prompt = synthetic::random_prompt(args.prompt_length, &model.config, 2);
-    let engine = Engine::new(model, args.device.into())?;
+    let most = args.batch.iter().copied().max().unwrap_or(1) as usize;
+    let prompts: Vec<Vec<u32>> = (0..most as u64)
+        .map(|seed| synthetic::random_prompt(args.prompt_length, &model.config, 2 + seed))
+        .collect();
+    // A cache for the largest batch exactly: the default would size it for
+    // requests of the model's maximum length.
+    let slots_per_request = (args.prompt_length + args.gen_length).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let engine = Engine::with_options(
+        model,
+        args.device.into(),
+        EngineOptions {
+            max_batch: most,
+            cache_slots: Some(most * slots_per_request),
+        },
+    )?;
     let load_s = load_start.elapsed().as_secs_f64();
     let base = DecodeOptions {
         gen_length: args.gen_length,
@@ -97,15 +175,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             base.steps
         );
         println!(
-            "{:<20} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>8}",
+            "{:<20} {:>5} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>8} {:>10} {:>10} {:>8}",
             "strategy",
+            "batch",
             "NFE",
             "prompt s",
             "total s",
             "full fwd ms",
             "cached ms",
             "tok/s",
-            "speedup"
+            "speedup",
+            "agg tok/s",
+            "batch fwd ms",
+            "GFLOP/s"
         );
     }
     // What the DESIGN §4 floors of a forward are computed from.
@@ -117,6 +199,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "q_dim": config.n_heads * config.head_dim,
         "kv_dim": config.kv_dim(),
     });
+    // Two FLOPs per weight per query token in the layers' GEMMs: what a
+    // batched forward's rate is measured against.
+    let layer_parameters =
+        (config.parameter_count() - 2 * (config.vocab_size * config.d_model) as u64) as f64;
     let mut baseline_s = None;
     for (name, options) in strategies(&base, args.suffix_window) {
         if let Some(only) = &args.only {
@@ -124,31 +210,43 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 continue;
             }
         }
-        let out = engine.generate(&prompt, &options)?;
-        let total = out.total_time().as_secs_f64();
-        let (full_ms, cached_ms) = (out.full_forwards.mean_ms(), out.cached_forwards.mean_ms());
-        let speedup = baseline_s.get_or_insert(total).to_owned() / total;
-        if args.json {
-            println!(
-                "{}",
-                json!({
-                    "strategy": name, "nfe": out.nfe, "device": engine.device_name(),
-                    "prompt_tokens": args.prompt_length, "gen_length": base.gen_length,
-                    "prompt_s": out.prompt_time.as_secs_f64(), "decode_s": out.decode_time.as_secs_f64(),
-                    "total_s": total,
-                    "full_forwards": out.full_forwards.count, "full_forward_ms": full_ms,
-                    "cached_forwards": out.cached_forwards.count, "cached_forward_ms": cached_ms,
-                    "tokens_per_s": out.tokens_per_second(), "speedup": speedup,
-                    "model": model,
-                })
-            );
-        } else {
-            println!(
-                "{name:<20} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9.2} {speedup:>7.2}x",
-                out.nfe,
-                out.prompt_time.as_secs_f64(),
-                out.tokens_per_second(),
-            );
+        for &batch in &args.batch {
+            let run = run_batch(&engine, &prompts[..batch as usize], &options)?;
+            let out = &run.first;
+            let total = out.total_time().as_secs_f64();
+            let (full_ms, cached_ms) = (out.full_forwards.mean_ms(), out.cached_forwards.mean_ms());
+            let speedup = baseline_s.get_or_insert(total).to_owned() / total;
+            let gflops = 2.0 * layer_parameters * run.mean_query_tokens / run.mean_forward_ms / 1e6;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({
+                        "strategy": name, "batch": run.batch, "nfe": out.nfe,
+                        "device": engine.device_name(),
+                        "prompt_tokens": args.prompt_length, "gen_length": base.gen_length,
+                        "prompt_s": out.prompt_time.as_secs_f64(), "decode_s": out.decode_time.as_secs_f64(),
+                        "total_s": total,
+                        "full_forwards": out.full_forwards.count, "full_forward_ms": full_ms,
+                        "cached_forwards": out.cached_forwards.count, "cached_forward_ms": cached_ms,
+                        "tokens_per_s": out.tokens_per_second(), "speedup": speedup,
+                        "aggregate_tokens_per_s": run.aggregate_tokens_per_s(),
+                        "wall_s": run.wall.as_secs_f64(),
+                        "mean_latency_s": run.mean_latency.as_secs_f64(),
+                        "batched_forwards": run.forwards, "mean_forward_ms": run.mean_forward_ms,
+                        "mean_batch": run.mean_batch, "layer_gflops": gflops,
+                        "model": model,
+                    })
+                );
+            } else {
+                println!(
+                    "{name:<20} {batch:>5} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9.2} {speedup:>7.2}x {:>10.2} {:>12.1} {gflops:>8.1}",
+                    out.nfe,
+                    out.prompt_time.as_secs_f64(),
+                    out.tokens_per_second(),
+                    run.aggregate_tokens_per_s(),
+                    run.mean_forward_ms,
+                );
+            }
         }
     }
     Ok(())

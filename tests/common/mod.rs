@@ -98,3 +98,36 @@ pub fn options_for(case: &Value) -> DecodeOptions {
         eos_id: get("eos_id").map(|e| e as u32),
     }
 }
+
+/// A robust golden case, ready to run.
+pub struct Case {
+    pub label: String,
+    pub prompt: Vec<u32>,
+    pub options: DecodeOptions,
+    pub tokens: Vec<u32>,
+    /// Forward passes, less the reference's idle ones.
+    pub nfe: usize,
+}
+
+/// Every robust case of a golden model (Dream's vectors mark none unrobust).
+pub fn robust_cases(model: &str) -> Vec<Case> {
+    let golden = cases(model);
+    let prompts = prompts(&golden);
+    golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|case| case.get("robust").and_then(Value::as_bool).unwrap_or(true))
+        .map(|case| Case {
+            label: format!(
+                "{} {} prompt {}",
+                case["strategy"], case["args"], case["prompt"]
+            ),
+            prompt: prompts[case["prompt"].as_u64().unwrap() as usize].clone(),
+            options: options_for(case),
+            tokens: ids(&case["tokens"]),
+            nfe: case["nfe"].as_u64().unwrap() as usize
+                - case.get("nfe_idle").and_then(Value::as_u64).unwrap_or(0) as usize,
+        })
+        .collect()
+}
