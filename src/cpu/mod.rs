@@ -290,16 +290,13 @@ impl Backend for CpuBackend {
         let zeroed = || -> Result<Vec<Vec<f32>>> {
             (0..layers)
                 .map(|_| {
-                    let mut v = Vec::new();
-                    v.try_reserve_exact(size).map_err(|_| {
+                    zeroed_f32(size).ok_or_else(|| {
                         Error::Device(format!(
                             "cannot allocate a key/value cache of {} slots ({:.2} GiB)",
                             layout.slots(),
                             (2 * layers * size * 4) as f64 / (1u64 << 30) as f64
                         ))
-                    })?;
-                    v.resize(size, 0.0);
-                    Ok(v)
+                    })
                 })
                 .collect()
         };
@@ -328,6 +325,24 @@ impl Backend for CpuBackend {
                 mine.to_vec()
             })
             .collect())
+    }
+}
+
+/// `len` zeros, or `None` when the allocator refuses. Zeroed allocations of
+/// this size come straight from the kernel as untouched pages, so a cache
+/// sized for many sequences is resident only as far as sequences use it.
+fn zeroed_f32(len: usize) -> Option<Vec<f32>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(len).ok()?;
+    // SAFETY: the layout has a non-zero size; a non-null result is `len`
+    // zeroed f32s (all-zero bits are 0.0) allocated by the global allocator
+    // with exactly the layout Vec<f32> uses for capacity `len`, so the Vec
+    // owns and later frees it correctly.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<f32>();
+        (!ptr.is_null()).then(|| Vec::from_raw_parts(ptr, len, len))
     }
 }
 
