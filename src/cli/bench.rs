@@ -3,11 +3,12 @@
 
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
-use dllm::{synthetic, CacheMode, DecodeOptions, Engine, Model};
+use dllm::convert::WeightFormat;
+use dllm::{synthetic, CacheMode, DecodeOptions, Device, Engine};
 use serde_json::json;
 
+use super::resources::{human_bytes, peak_rss_bytes, read_bandwidth};
 use super::{DeviceArg, ModelArg};
 
 #[derive(Args)]
@@ -69,16 +70,23 @@ fn strategies(base: &DecodeOptions, window: usize) -> Vec<(&'static str, DecodeO
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device: Device = args.device.into();
+    // Measured before the weights take the memory, on the host: the floor
+    // of a CPU forward (a GPU's is measured by scripts/gpu-run.sh).
+    let bandwidth = (device == Device::Cpu).then(read_bandwidth);
     let load_start = Instant::now();
     let model = match &args.synthetic {
-        Some(name) => synthetic::model(synthetic::preset(name)?, 1),
-        None => {
-            let dir = args.model.resolve();
-            Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?
+        Some(name) => {
+            let format = args.model.format()?.unwrap_or(WeightFormat::BF16);
+            synthetic::model_in(synthetic::preset(name)?, 1, format)
         }
+        None => args.model.open()?,
     };
+    let weights_bytes = model.checkpoint.total_bytes();
+    let streamed_bytes = model.tensors()?.streamed_bytes();
+    let floor_ms = bandwidth.map(|b| streamed_bytes as f64 / b * 1e3);
     let prompt = synthetic::random_prompt(args.prompt_length, &model.config, 2);
-    let mut engine = Engine::new(model, args.device.into())?;
+    let mut engine = Engine::new(model, device)?;
     let load_s = load_start.elapsed().as_secs_f64();
     let base = DecodeOptions {
         gen_length: args.gen_length,
@@ -97,13 +105,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             base.steps
         );
         println!(
-            "{:<20} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>8}",
+            "# weights {} ({} read by every forward){}",
+            human_bytes(weights_bytes),
+            human_bytes(streamed_bytes),
+            match (bandwidth, floor_ms) {
+                (Some(b), Some(f)) => format!(
+                    " | memory read {:.1} GB/s measured now: floor {f:.1} ms a forward",
+                    b / 1e9
+                ),
+                _ => String::new(),
+            }
+        );
+        println!(
+            "{:<20} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>8}",
             "strategy",
             "NFE",
             "prompt s",
             "total s",
             "full fwd ms",
             "cached ms",
+            "floor ms",
             "tok/s",
             "speedup"
         );
@@ -139,16 +160,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "full_forwards": out.full_forwards.count, "full_forward_ms": full_ms,
                     "cached_forwards": out.cached_forwards.count, "cached_forward_ms": cached_ms,
                     "tokens_per_s": out.tokens_per_second(), "speedup": speedup,
-                    "model": model,
+                    "model": model, "weights_bytes": weights_bytes,
+                    "streamed_bytes": streamed_bytes,
+                    "read_bandwidth_bytes_per_s": bandwidth, "floor_ms": floor_ms,
+                    "peak_rss_bytes": peak_rss_bytes(),
                 })
             );
         } else {
             println!(
-                "{name:<20} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9.2} {speedup:>7.2}x",
+                "{name:<20} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9} {:>9.2} {speedup:>7.2}x",
                 out.nfe,
                 out.prompt_time.as_secs_f64(),
+                floor_ms.map_or("-".into(), |f| format!("{f:.1}")),
                 out.tokens_per_second(),
             );
+        }
+    }
+    if !args.json {
+        if let Some(peak) = peak_rss_bytes() {
+            println!("# peak RSS {}", human_bytes(peak));
         }
     }
     Ok(())

@@ -1,23 +1,39 @@
 //! A weight matrix of the CPU backend and its one product,
 //! `y[n, rows] = x[n, cols] · Wᵀ` with f32 accumulation.
 //!
-//! f32 weights are owned and multiplied by matrixmultiply, the reference
-//! path the golden vectors were checked on. Every other encoding (bf16 and
-//! f16 as stored, int8 and 4-bit quantized) stays in the checkpoint's bytes,
-//! memory-mapped, and is decoded into f32 a tile of rows at a time inside
-//! the product, so no whole f32 copy ever exists: a tile is sized to stay in
-//! a core's L2 cache while every input row is multiplied by it.
+//! f32 weights are owned and multiplied whole. Every other encoding (bf16
+//! and f16 as stored, int8 and 4-bit quantized) stays in the checkpoint's
+//! bytes, memory-mapped, and is decoded into f32 a tile of rows at a time
+//! inside the product, so no whole f32 copy ever exists.
+//!
+//! Both multiply with matrixmultiply, whose sum for one output is the same
+//! whatever the other rows and columns computed with it: its k loop is cut
+//! in blocks of a fixed size, and within a block each output accumulates
+//! in index order with fused multiply-adds. So a tile's outputs are bit for
+//! bit those of the whole matrix (a bf16 checkpoint computes exactly as its
+//! f32 widening), and a row of `x` gives the same result in a batch of any
+//! size (batched decoding is batch-invariant).
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::dot;
 use super::ops;
 use crate::checkpoint::SharedBytes;
 use crate::quant::{Encoding, MatrixView};
 
-/// Bytes of f32 a decoded tile may take: a quarter of a 1 MiB L2, so the
-/// tile stays cached while the input rows stream past it.
-const TILE_BYTES: usize = 256 << 10;
+/// Products with at most this many rows (decode steps) run their tiles in
+/// parallel, one tile per thread, sized to stay in a core's L2 cache while
+/// the rows multiply it; larger ones (prefill) run bigger tiles one after
+/// the other, matrixmultiply spreading each over the threads by rows.
+const DECODE_ROWS: usize = 64;
+const DECODE_TILE_BYTES: usize = 256 << 10;
+const PREFILL_TILE_BYTES: usize = 8 << 20;
+
+thread_local! {
+    /// The decoded tile, reused from product to product.
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 pub struct Matrix {
     rows: usize,
@@ -85,10 +101,9 @@ impl Matrix {
         }
     }
 
-    /// `y[n, rows] = x[n, cols] · Wᵀ`. For stored encodings each output is
-    /// one [`dot::dots`] sum, the same whatever `n` is (batch-invariant).
+    /// `y[n, rows] = x[n, cols] · Wᵀ`.
     pub fn linear(&self, x: &[f32], n: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), n * self.cols);
+        assert_eq!(x.len(), n * self.cols);
         let (bytes, scales, encoding) = match &self.storage {
             Storage::F32(values) => return ops::linear(x, values, n, self.cols, self.rows),
             Storage::Stored {
@@ -97,31 +112,67 @@ impl Matrix {
                 encoding,
             } => (bytes, scales, *encoding),
         };
-        let cols = self.cols;
-        let tile_rows = (TILE_BYTES / (cols * 4)).clamp(4, 64) / 4 * 4;
-        // Each tile's outputs, `[n, rows of the tile]`, then laid side by side.
-        let tiles: Vec<Vec<f32>> = (0..self.rows)
-            .step_by(tile_rows)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map_init(Vec::new, |tile: &mut Vec<f32>, first| {
-                let rows = tile_rows.min(self.rows - first);
-                tile.resize(rows * cols, 0.0);
+        let (rows, cols) = (self.rows, self.cols);
+        let mut y = vec![0.0f32; n * rows];
+        let out = OutputColumns(y.as_mut_ptr());
+        let tile_bytes = if n <= DECODE_ROWS {
+            DECODE_TILE_BYTES
+        } else {
+            PREFILL_TILE_BYTES
+        };
+        let tile_rows = (tile_bytes / (cols * 4)).clamp(8, rows.max(8)) / 8 * 8;
+        let product = |first: usize| {
+            let tile_rows = tile_rows.min(rows - first);
+            TILE.with_borrow_mut(|tile| {
+                tile.resize(tile_rows * cols, 0.0);
                 decode_rows(bytes, scales, encoding, cols, first, tile);
-                let mut out = vec![0.0f32; n * rows];
-                dot::dots(x, tile, cols, &mut out, rows);
-                out
-            })
-            .collect();
-        let mut y = vec![0.0f32; n * self.rows];
-        for (t, tile) in tiles.iter().enumerate() {
-            let first = t * tile_rows;
-            let rows = tile.len() / n;
-            for (y_row, tile_row) in y.chunks_exact_mut(self.rows).zip(tile.chunks_exact(rows)) {
-                y_row[first..first + rows].copy_from_slice(tile_row);
-            }
+                // SAFETY: x is n × cols and the tile tile_rows × cols, both
+                // row-major (the tile read transposed); the output is the
+                // columns first..first + tile_rows of y (n × rows), which no
+                // other tile writes.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        n,
+                        cols,
+                        tile_rows,
+                        1.0,
+                        x.as_ptr(),
+                        cols as isize,
+                        1,
+                        tile.as_ptr(),
+                        1,
+                        cols as isize,
+                        0.0,
+                        out.at(first),
+                        rows as isize,
+                        1,
+                    );
+                }
+            });
+        };
+        let firsts = (0..rows).step_by(tile_rows);
+        if n <= DECODE_ROWS {
+            firsts.collect::<Vec<_>>().into_par_iter().for_each(product);
+        } else {
+            firsts.for_each(product);
         }
         y
+    }
+}
+
+/// The output of a product, whose column ranges tiles write in parallel.
+#[derive(Clone, Copy)]
+struct OutputColumns(*mut f32);
+
+// SAFETY: each tile writes only its own columns (see `Matrix::linear`).
+unsafe impl Send for OutputColumns {}
+unsafe impl Sync for OutputColumns {}
+
+impl OutputColumns {
+    /// Column `first` of row 0. A method, so that closures capture the whole
+    /// (Send) wrapper rather than its pointer field.
+    fn at(self, first: usize) -> *mut f32 {
+        self.0.wrapping_add(first)
     }
 }
 
@@ -152,7 +203,7 @@ mod tests {
     use crate::quant::{quantize, scale_name, Quantization};
 
     const ROWS: usize = 37;
-    const COLS: usize = 256;
+    const COLS: usize = 2048;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -216,22 +267,24 @@ mod tests {
     }
 
     #[test]
-    fn products_equal_the_dequantized_matrix_in_f64() {
-        let n = 5;
-        let x = values(n * COLS, 11);
+    fn products_equal_the_f32_product_of_the_decoded_matrix_bit_for_bit() {
+        // Enough rows for several decode tiles and a prefill product.
+        for n in [5, DECODE_ROWS + 3] {
+            let x = values(n * COLS, 11);
+            for (name, checkpoint, q) in checkpoints() {
+                let view = MatrixView::open(&checkpoint, "w", [ROWS, COLS], q).unwrap();
+                let w = view.to_f32();
+                let got = Matrix::load(&view, false).linear(&x, n);
+                let want = ops::linear(&x, &w, n, COLS, ROWS);
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name}, {n} rows"
+                );
+            }
+        }
         for (name, checkpoint, q) in checkpoints() {
             let view = MatrixView::open(&checkpoint, "w", [ROWS, COLS], q).unwrap();
             let w = view.to_f32();
-            let y = Matrix::load(&view, false).linear(&x, n);
-            for i in 0..n {
-                for o in 0..ROWS {
-                    let want: f64 = (0..COLS)
-                        .map(|k| x[i * COLS + k] as f64 * w[o * COLS + k] as f64)
-                        .sum();
-                    let got = y[i * ROWS + o] as f64;
-                    assert!((got - want).abs() < 1e-5, "{name} [{i},{o}]: {got} vs {want}");
-                }
-            }
             let mut row = vec![0.0; COLS];
             Matrix::load(&view, false).row_into(3, &mut row);
             assert_eq!(row, w[3 * COLS..4 * COLS], "{name}");

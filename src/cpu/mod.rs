@@ -5,7 +5,6 @@
 //! other than f32 are computed from as stored (`matrix`): bf16 and f16
 //! stay memory-mapped, quantized ones too.
 
-mod dot;
 pub mod matrix;
 pub mod ops;
 
