@@ -3,13 +3,15 @@
 //!
 //! Opening a checkpoint validates every file's header (the safetensors crate
 //! checks that offsets are in bounds and contiguous) and indexes the tensors
-//! by name. Tensor bytes stay in the page cache until a backend converts them
-//! into its own storage, so a 16 GB checkpoint costs no copy to open.
+//! by name. Tensor bytes stay in the page cache: a backend either converts
+//! them into its own storage or keeps a [`SharedBytes`] handle and computes
+//! from them as stored, so a 16 GB checkpoint costs no copy to open.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -18,11 +20,15 @@ use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors};
 use crate::error::{Error, Result};
 
 /// Element types a checkpoint may store; math is always done in f32 or bf16.
+/// The integer types hold quantized weights (`crate::quant`): int8 values,
+/// and pairs of 4-bit values packed into bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
     F32,
     BF16,
     F16,
+    I8,
+    U8,
 }
 
 impl Dtype {
@@ -30,6 +36,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::I8 | Dtype::U8 => 1,
         }
     }
 
@@ -38,6 +45,23 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::BF16 => "bf16",
             Dtype::F16 => "f16",
+            Dtype::I8 => "i8",
+            Dtype::U8 => "u8",
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+    }
+
+    /// The safetensors name of the type, for writing checkpoints.
+    pub fn safetensors(self) -> StDtype {
+        match self {
+            Dtype::F32 => StDtype::F32,
+            Dtype::BF16 => StDtype::BF16,
+            Dtype::F16 => StDtype::F16,
+            Dtype::I8 => StDtype::I8,
+            Dtype::U8 => StDtype::U8,
         }
     }
 }
@@ -50,7 +74,7 @@ struct Entry {
 }
 
 pub struct Checkpoint {
-    files: Vec<Storage>,
+    files: Vec<Arc<Storage>>,
     tensors: HashMap<String, Entry>,
     /// Tensors of a dtype the runtime cannot compute with; an error only if
     /// the model asks for one (checkpoints may carry integer buffers).
@@ -80,6 +104,23 @@ pub struct TensorView<'a> {
     pub dtype: Dtype,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
+    storage: &'a Arc<Storage>,
+}
+
+/// A tensor's bytes, kept alive (mapped) for as long as the handle lives:
+/// what a backend holds to compute from weights as stored.
+#[derive(Clone)]
+pub struct SharedBytes {
+    storage: Arc<Storage>,
+    range: Range<usize>,
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.range.clone()]
+    }
 }
 
 impl Checkpoint {
@@ -142,6 +183,8 @@ impl Checkpoint {
                 StDtype::F32 => Dtype::F32,
                 StDtype::BF16 => Dtype::BF16,
                 StDtype::F16 => Dtype::F16,
+                StDtype::I8 => Dtype::I8,
+                StDtype::U8 => Dtype::U8,
                 other => {
                     self.unsupported.insert(name, other);
                     continue;
@@ -160,7 +203,7 @@ impl Checkpoint {
                 )));
             }
         }
-        self.files.push(Storage::Mapped(map));
+        self.files.push(Arc::new(Storage::Mapped(map)));
         Ok(())
     }
 
@@ -183,7 +226,7 @@ impl Checkpoint {
                 shape,
                 bytes: 0..bytes.len(),
             };
-            checkpoint.files.push(Storage::Owned(bytes));
+            checkpoint.files.push(Arc::new(Storage::Owned(bytes)));
             checkpoint.tensors.insert(name, entry);
         }
         checkpoint
@@ -193,7 +236,9 @@ impl Checkpoint {
         if let Some(dtype) = self.unsupported.get(name) {
             return Err(Error::Tensor {
                 name: name.to_string(),
-                message: format!("has dtype {dtype:?}; only F32, BF16 and F16 are supported"),
+                message: format!(
+                    "has dtype {dtype:?}; only F32, BF16 and F16 are supported (I8 and U8 in quantized checkpoints)"
+                ),
             });
         }
         let (name, entry) = self
@@ -203,11 +248,13 @@ impl Checkpoint {
                 name: name.to_string(),
                 message: "missing from the checkpoint".into(),
             })?;
+        let storage = &self.files[entry.file];
         Ok(TensorView {
             name,
             dtype: entry.dtype,
             shape: &entry.shape,
-            bytes: &self.files[entry.file][entry.bytes.clone()],
+            bytes: &storage[entry.bytes.clone()],
+            storage,
         })
     }
 
@@ -218,6 +265,28 @@ impl Checkpoint {
             return Err(Error::Tensor {
                 name: name.to_string(),
                 message: format!("has shape {:?}, expected {:?}", view.shape, shape),
+            });
+        }
+        Ok(view)
+    }
+
+    /// The tensor, checked to have exactly `shape` and one of `dtypes`.
+    pub fn tensor_typed(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtypes: &[Dtype],
+    ) -> Result<TensorView<'_>> {
+        let view = self.tensor_shaped(name, shape)?;
+        if !dtypes.contains(&view.dtype) {
+            let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
+            return Err(Error::Tensor {
+                name: name.to_string(),
+                message: format!(
+                    "has dtype {}, expected {}",
+                    view.dtype.name(),
+                    names.join(" or ")
+                ),
             });
         }
         Ok(view)
@@ -248,6 +317,15 @@ impl TensorView<'_> {
         self.len() == 0
     }
 
+    /// A handle on the tensor's bytes that outlives this view.
+    pub fn shared(&self) -> SharedBytes {
+        let start = self.bytes.as_ptr() as usize - self.storage.as_ptr() as usize;
+        SharedBytes {
+            storage: Arc::clone(self.storage),
+            range: start..start + self.bytes.len(),
+        }
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.len()];
         self.write_f32(&mut out);
@@ -256,6 +334,8 @@ impl TensorView<'_> {
 
     /// Converts into `out` (of `self.len()` elements). Byte order is
     /// little-endian per the safetensors format; unaligned data is fine.
+    /// Integer tensors convert to their raw values (a quantized matrix is
+    /// dequantized by `crate::quant`, which knows its scales).
     pub fn write_f32(&self, out: &mut [f32]) {
         let size = self.dtype.size();
         let chunks = self.bytes.chunks_exact(size);
@@ -272,6 +352,14 @@ impl TensorView<'_> {
                 .iter_mut()
                 .zip(chunks)
                 .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Dtype::I8 => out
+                .iter_mut()
+                .zip(self.bytes)
+                .for_each(|(o, &b)| *o = b as i8 as f32),
+            Dtype::U8 => out
+                .iter_mut()
+                .zip(self.bytes)
+                .for_each(|(o, &b)| *o = b as f32),
         }
     }
 

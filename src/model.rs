@@ -8,13 +8,17 @@ use crate::chat::ChatTemplate;
 use crate::checkpoint::{Checkpoint, TensorView};
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
+use crate::quant::{MatrixView, Quantization, FLOAT_DTYPES};
 use crate::tokenizer::TextTokenizer;
 
-/// A loaded model directory. Weights stay memory-mapped; backends convert
-/// them into their own storage.
+/// A loaded model directory. Weights stay memory-mapped; backends compute
+/// from them as stored or convert them into their own storage.
 pub struct Model {
     pub dir: PathBuf,
     pub config: ModelConfig,
+    /// How the projections and the head are stored when quantized
+    /// (config.json's `quantization_config`); None for floats.
+    pub quantization: Option<Quantization>,
     pub checkpoint: Checkpoint,
     pub tokenizer: Option<Arc<TextTokenizer>>,
     pub chat_template: Option<ChatTemplate>,
@@ -23,24 +27,39 @@ pub struct Model {
 /// The tensors of one transformer layer, in the runtime's naming.
 pub struct LayerTensors<'a> {
     pub attn_norm: TensorView<'a>,
-    pub q: TensorView<'a>,
-    pub k: TensorView<'a>,
-    pub v: TensorView<'a>,
+    pub q: MatrixView<'a>,
+    pub k: MatrixView<'a>,
+    pub v: MatrixView<'a>,
     /// q/k/v biases (Dream only).
     pub qkv_bias: Option<[TensorView<'a>; 3]>,
-    pub o: TensorView<'a>,
+    pub o: MatrixView<'a>,
     pub ffn_norm: TensorView<'a>,
     /// The SiLU-gated projection.
-    pub gate: TensorView<'a>,
-    pub up: TensorView<'a>,
-    pub down: TensorView<'a>,
+    pub gate: MatrixView<'a>,
+    pub up: MatrixView<'a>,
+    pub down: MatrixView<'a>,
 }
 
 pub struct ModelTensors<'a> {
-    pub embed: TensorView<'a>,
+    /// Only gathered, never multiplied: a float matrix even when quantized.
+    pub embed: MatrixView<'a>,
     pub layers: Vec<LayerTensors<'a>>,
     pub final_norm: TensorView<'a>,
-    pub head: TensorView<'a>,
+    pub head: MatrixView<'a>,
+}
+
+impl ModelTensors<'_> {
+    /// Bytes of the matrices a forward pass reads whole: every projection
+    /// and the head (the embedding is only gathered).
+    pub fn streamed_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .map(MatrixView::stored_bytes)
+            .sum();
+        layers + self.head.stored_bytes()
+    }
 }
 
 impl Model {
@@ -59,7 +78,9 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, why),
             ));
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
+        let quantization = quantization_of(&config_path)?;
         let checkpoint = Checkpoint::open(dir)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
@@ -81,6 +102,7 @@ impl Model {
         let model = Model {
             dir: dir.to_path_buf(),
             config,
+            quantization,
             checkpoint,
             tokenizer,
             chat_template,
@@ -94,37 +116,66 @@ impl Model {
         let c = &self.config;
         let layout = Layout(c);
         let ck = &self.checkpoint;
+        let vector = |name: &str, shape: &[usize]| ck.tensor_typed(name, shape, &FLOAT_DTYPES);
+        let matrix = |name: &str, shape: &[usize], quantization| {
+            MatrixView::open(ck, name, [shape[0], shape[1]], quantization)
+        };
         let layers = (0..c.n_layers)
             .map(|i| {
-                let t = |part: Part| ck.tensor_shaped(&layout.name(i, part), &layout.shape(part));
+                let t = |part: Part| vector(&layout.name(i, part), &layout.shape(part));
+                let m = |part: Part| {
+                    matrix(
+                        &layout.name(i, part),
+                        &layout.shape(part),
+                        self.quantization,
+                    )
+                };
                 Ok(LayerTensors {
                     attn_norm: t(Part::AttnNorm)?,
-                    q: t(Part::Q)?,
-                    k: t(Part::K)?,
-                    v: t(Part::V)?,
+                    q: m(Part::Q)?,
+                    k: m(Part::K)?,
+                    v: m(Part::V)?,
                     qkv_bias: if c.qkv_bias {
                         Some([t(Part::QBias)?, t(Part::KBias)?, t(Part::VBias)?])
                     } else {
                         None
                     },
-                    o: t(Part::O)?,
+                    o: m(Part::O)?,
                     ffn_norm: t(Part::FfnNorm)?,
-                    gate: t(Part::Gate)?,
-                    up: t(Part::Up)?,
-                    down: t(Part::Down)?,
+                    gate: m(Part::Gate)?,
+                    up: m(Part::Up)?,
+                    down: m(Part::Down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let [embed, final_norm, head] = layout
-            .globals()
-            .map(|(name, shape)| ck.tensor_shaped(name, &shape));
+        let [(embed, embed_shape), (final_norm, norm_shape), (head, head_shape)] = layout.globals();
         Ok(ModelTensors {
-            embed: embed?,
+            embed: matrix(embed, &embed_shape, None)?,
             layers,
-            final_norm: final_norm?,
-            head: head?,
+            final_norm: vector(final_norm, &norm_shape)?,
+            head: matrix(head, &head_shape, self.quantization)?,
         })
     }
+}
+
+/// Reads config.json's `quantization_config`.
+fn quantization_of(config_path: &Path) -> Result<Option<Quantization>> {
+    let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: config_path.to_path_buf(),
+        source,
+    })?;
+    Quantization::from_config(&json).map_err(|message| Error::Config {
+        path: config_path.to_path_buf(),
+        message,
+    })
+}
+
+/// Whether the tensor `name` of a `config` checkpoint is multiplied by
+/// whole (a projection or the head), which is what quantization applies to.
+pub fn is_quantizable(config: &ModelConfig, name: &str, shape: &[usize]) -> bool {
+    let [(embed, _), ..] = Layout(config).globals();
+    shape.len() == 2 && name != embed
 }
 
 /// Name and shape of every tensor a checkpoint of `config` holds.

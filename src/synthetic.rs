@@ -8,8 +8,9 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::config::{Family, ModelConfig};
+use crate::convert::{convert_tensor, WeightFormat};
 use crate::error::{Error, Result};
-use crate::model::{expected_tensors, Model};
+use crate::model::{expected_tensors, is_quantizable, Model};
 
 /// Named shapes for benchmarks.
 pub const PRESETS: [&str; 3] = ["small", "llada-8b", "dream-7b"];
@@ -74,10 +75,17 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
 /// A model of `config`'s shapes with seeded random weights: norms are one,
 /// matrices uniform with variance 1/fan_in so activations keep their scale.
 pub fn model(config: ModelConfig, seed: u64) -> Model {
+    model_in(config, seed, WeightFormat::BF16)
+}
+
+/// Like [`model`], the bf16 weights then converted to `format` one tensor
+/// at a time, so that no copy of the whole model in another format exists
+/// beside them (an 8B model is 16 GB in bf16).
+pub fn model_in(config: ModelConfig, seed: u64, format: WeightFormat) -> Model {
     let tensors = expected_tensors(&config)
         .into_iter()
         .enumerate()
-        .map(|(index, (name, shape))| {
+        .flat_map(|(index, (name, shape))| {
             let bytes = if shape.len() == 1 && !name.ends_with(".bias") {
                 bytemuck::cast_slice(&vec![bf16::ONE; shape[0]]).to_vec()
             } else {
@@ -89,12 +97,21 @@ pub fn model(config: ModelConfig, seed: u64) -> Model {
                     seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 )
             };
-            (name, Dtype::BF16, shape, bytes)
+            if format == WeightFormat::BF16 {
+                return vec![(name, Dtype::BF16, shape, bytes)];
+            }
+            let values: Vec<f32> = bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            let quantizable = is_quantizable(&config, &name, &shape);
+            convert_tensor(name, shape, &values, format, quantizable)
         })
         .collect();
     Model {
         dir: PathBuf::from("<synthetic>"),
         config,
+        quantization: format.quantization(),
         checkpoint: Checkpoint::from_tensors(tensors),
         tokenizer: None,
         chat_template: None,

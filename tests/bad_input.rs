@@ -951,3 +951,151 @@ fn mask_id_predicted_by_the_model_does_not_hang() {
         "{status:?}\n{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Quantized checkpoints (written by `dllm quantize`)
+
+/// A golden model quantized to `bits` (4 bits in groups of 32) into a fresh directory.
+fn quantized_model(model: &str, bits: &str, test: &str) -> PathBuf {
+    let dir = scratch(test);
+    let mut args = vec!["quantize", "--model"];
+    let source = golden(model);
+    args.extend([source.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    args.extend(["--bits", bits]);
+    assert_succeeds(&dllm(&args));
+    dir
+}
+
+#[test]
+fn control_quantized_models_load_and_generate() {
+    for (model, bits) in [(LLADA, "8"), (DREAM, "4")] {
+        let dir = quantized_model(model, bits, &format!("control_quantized_{model}_{bits}"));
+        assert_succeeds(&generate(&dir, &small(&["--prompt-ids", "1,2"])));
+        assert!(assert_succeeds(&info(&dir)).contains("quantized"));
+    }
+}
+
+#[test]
+fn missing_scale_tensor_is_named() {
+    let dir = quantized_model(LLADA, "8", "missing_scale");
+    let name = "model.transformer.blocks.1.up_proj.weight_scale";
+    edit_tensors(&dir, |tensors| {
+        let before = tensors.len();
+        tensors.retain(|t| t.name != name);
+        assert_eq!(tensors.len(), before - 1);
+    });
+    assert_fails(
+        &generate(&dir, &small(&["--prompt-ids", "1,2"])),
+        RUN_ERROR,
+        &[&format!("tensor {name}: missing from the checkpoint")],
+    );
+}
+
+#[test]
+fn group_size_that_does_not_divide_the_rows_is_rejected() {
+    // The tiny LLaDA's down projection has rows of 352 inputs: 11 × 32.
+    let want = "tensor model.transformer.blocks.0.ff_out.weight: group size 64 does not divide its rows of 352 inputs";
+    let out = scratch("group_size_quantize");
+    let source = golden(LLADA);
+    let (source, out) = (source.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "quantize",
+        "--model",
+        source,
+        "--out",
+        out,
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+    ];
+    assert_fails(&dllm(&args), RUN_ERROR, &[want]);
+    assert_fails(
+        &generate(
+            &golden(LLADA),
+            &small(&[
+                "--prompt-ids",
+                "1,2",
+                "--weights",
+                "int4",
+                "--group-size",
+                "64",
+            ]),
+        ),
+        RUN_ERROR,
+        &[want],
+    );
+    // A checkpoint whose config claims other groups than its scales hold:
+    // the first matrix's scales have the wrong shape.
+    let dir = quantized_model(LLADA, "4", "group_size_config");
+    edit_config(&dir, |c| {
+        c["quantization_config"]["group_size"] = 64.into();
+    });
+    assert_fails(
+        &info(&dir),
+        RUN_ERROR,
+        &["tensor model.transformer.blocks.0.q_proj.weight_scale: has shape [128, 4], expected [128, 2]"],
+    );
+}
+
+#[test]
+fn unsupported_group_size_and_bits_are_rejected() {
+    assert_fails(
+        &generate(
+            &golden(LLADA),
+            &small(&[
+                "--prompt-ids",
+                "1,2",
+                "--weights",
+                "int4",
+                "--group-size",
+                "48",
+            ]),
+        ),
+        RUN_ERROR,
+        &["group size 48 is not supported: expected one of [32, 64, 128]"],
+    );
+    let out = scratch("quantize_3_bits");
+    let source = golden(LLADA);
+    let args = [
+        "quantize",
+        "--model",
+        source.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--bits",
+        "3",
+    ];
+    assert_fails(
+        &dllm(&args),
+        RUN_ERROR,
+        &["3 bits are not supported: expected 8 or 4"],
+    );
+}
+
+#[test]
+fn unknown_quantization_format_is_named() {
+    let dir = quantized_model(LLADA, "8", "unknown_quant_method");
+    edit_config(&dir, |c| {
+        c["quantization_config"]["quant_method"] = "gptq".into();
+    });
+    assert_fails(
+        &info(&dir),
+        RUN_ERROR,
+        &["unknown quant_method \"gptq\"; supported is \"dllm-weight-only\""],
+    );
+}
+
+#[test]
+fn quantized_values_of_the_wrong_dtype_are_named() {
+    let dir = quantized_model(LLADA, "8", "quantized_wrong_dtype");
+    let name = "model.transformer.blocks.0.k_proj.weight";
+    edit_tensors(&dir, |tensors| {
+        tensor_mut(tensors, name).dtype = "U8".into()
+    });
+    assert_fails(
+        &info(&dir),
+        RUN_ERROR,
+        &[&format!("tensor {name}: has dtype u8, expected i8")],
+    );
+}

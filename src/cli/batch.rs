@@ -21,9 +21,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use clap::{Args, Parser};
-use dllm::{Engine, Model};
+use dllm::Engine;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -100,8 +100,7 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<Request>> {
 pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     let requests = read_requests(&args.requests)?;
     let started = Instant::now();
-    let dir = args.model.resolve();
-    let model = Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = args.model.open()?;
     let engine = Engine::new(model, args.device.into())?;
     let load_time = started.elapsed();
 

@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
-use dllm::{synthetic, CacheMode, DecodeOptions, Engine, EngineOptions, Generation, Model};
+use dllm::convert::WeightFormat;
+use dllm::kv_pool::PAGE_SIZE;
+use dllm::{synthetic, CacheMode, DecodeOptions, Device, Engine, EngineOptions, Generation};
 use serde_json::json;
 
-use dllm::kv_pool::PAGE_SIZE;
-
+use super::resources::{human_bytes, peak_rss_bytes, read_bandwidth};
 use super::{DeviceArg, ModelArg};
 
 #[derive(Args)]
@@ -134,14 +134,21 @@ fn strategies(base: &DecodeOptions, window: usize) -> Vec<(&'static str, DecodeO
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device: Device = args.device.into();
+    // Measured before the weights take the memory, on the host: the floor
+    // of a CPU forward (a GPU's is measured by scripts/gpu-run.sh).
+    let bandwidth = (device == Device::Cpu).then(read_bandwidth);
     let load_start = Instant::now();
     let model = match &args.synthetic {
-        Some(name) => synthetic::model(synthetic::preset(name)?, 1),
-        None => {
-            let dir = args.model.resolve();
-            Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?
+        Some(name) => {
+            let format = args.model.format()?.unwrap_or(WeightFormat::BF16);
+            synthetic::model_in(synthetic::preset(name)?, 1, format)
         }
+        None => args.model.open()?,
     };
+    let weights_bytes = model.checkpoint.total_bytes();
+    let streamed_bytes = model.tensors()?.streamed_bytes();
+    let floor_ms = bandwidth.map(|b| streamed_bytes as f64 / b * 1e3);
     let most = args.batch.iter().copied().max().unwrap_or(1) as usize;
     let prompts: Vec<Vec<u32>> = (0..most as u64)
         .map(|seed| synthetic::random_prompt(args.prompt_length, &model.config, 2 + seed))
@@ -151,7 +158,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let slots_per_request = (args.prompt_length + args.gen_length).div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let engine = Engine::with_options(
         model,
-        args.device.into(),
+        device,
         EngineOptions {
             max_batch: most,
             cache_slots: Some(most * slots_per_request),
@@ -175,7 +182,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             base.steps
         );
         println!(
-            "{:<20} {:>5} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>8} {:>10} {:>10} {:>8}",
+            "# weights {} ({} read by every forward){}",
+            human_bytes(weights_bytes),
+            human_bytes(streamed_bytes),
+            match (bandwidth, floor_ms) {
+                (Some(b), Some(f)) => format!(
+                    " | memory read {:.1} GB/s measured now: floor {f:.1} ms a forward",
+                    b / 1e9
+                ),
+                _ => String::new(),
+            }
+        );
+        println!(
+            "{:<20} {:>5} {:>5} {:>9} {:>9} {:>12} {:>12} {:>9} {:>9} {:>8} {:>10} {:>12} {:>8}",
             "strategy",
             "batch",
             "NFE",
@@ -183,6 +202,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "total s",
             "full fwd ms",
             "cached ms",
+            "floor ms",
             "tok/s",
             "speedup",
             "agg tok/s",
@@ -234,19 +254,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         "mean_latency_s": run.mean_latency.as_secs_f64(),
                         "batched_forwards": run.forwards, "mean_forward_ms": run.mean_forward_ms,
                         "mean_batch": run.mean_batch, "layer_gflops": gflops,
-                        "model": model,
+                        "model": model, "weights_bytes": weights_bytes,
+                        "streamed_bytes": streamed_bytes,
+                        "read_bandwidth_bytes_per_s": bandwidth, "floor_ms": floor_ms,
+                        "peak_rss_bytes": peak_rss_bytes(),
                     })
                 );
             } else {
                 println!(
-                    "{name:<20} {batch:>5} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9.2} {speedup:>7.2}x {:>10.2} {:>12.1} {gflops:>8.1}",
+                    "{name:<20} {batch:>5} {:>5} {:>9.3} {total:>9.3} {full_ms:>12.1} {cached_ms:>12.1} {:>9} {:>9.2} {speedup:>7.2}x {:>10.2} {:>12.1} {gflops:>8.1}",
                     out.nfe,
                     out.prompt_time.as_secs_f64(),
+                    floor_ms.map_or("-".into(), |f| format!("{f:.1}")),
                     out.tokens_per_second(),
                     run.aggregate_tokens_per_s(),
                     run.mean_forward_ms,
                 );
             }
+        }
+    }
+    if !args.json {
+        if let Some(peak) = peak_rss_bytes() {
+            println!("# peak RSS {}", human_bytes(peak));
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use dllm::{CacheMode, DecodeOptions, Engine, Model};
+use dllm::{CacheMode, DecodeOptions, Engine};
 use serde_json::{json, Map, Value};
 
 use super::{DeviceArg, ModelArg};
@@ -360,7 +360,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 
     // Cheap checks first (the directory, the tokenizer, the set), then the
     // weights onto the device.
-    let model = Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = args.model.open()?;
     if model.tokenizer.is_none() {
         bail!(
             "{} has no tokenizer.json: eval encodes the set's prompts as text",

@@ -3,9 +3,8 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
-use dllm::{Engine, Model};
+use dllm::Engine;
 
 use super::request::{self, RequestArgs};
 use super::{DeviceArg, ModelArg};
@@ -25,8 +24,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let dir = args.model.resolve();
-    let model = Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = args.model.open()?;
     let engine = Engine::new(model, args.device.into())?;
     let load_time = started.elapsed();
     let prompt = args.request.prompt(&engine)?;

@@ -1,11 +1,12 @@
 //! `dllm info`: what a checkpoint is and what it needs.
 
-use std::path::Path;
+use super::resources::{human_bytes, peak_rss_bytes};
+use super::ModelArg;
 
-use dllm::Model;
-
-pub fn run(dir: &Path) -> anyhow::Result<()> {
-    let model = Model::open(dir)?;
+pub fn run(arg: &ModelArg) -> anyhow::Result<()> {
+    let dir = arg.resolve();
+    let dir = dir.as_path();
+    let model = arg.open()?;
     let c = &model.config;
     let params = c.parameter_count();
     let dtypes: Vec<&str> = model.checkpoint.dtypes().iter().map(|d| d.name()).collect();
@@ -30,6 +31,16 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         dtypes.join(", "),
         human_bytes(model.checkpoint.total_bytes())
     );
+    let tensors = model.tensors()?;
+    let streamed = tensors.streamed_bytes();
+    println!(
+        "weights        {} ({} read whole by every forward: projections and head)",
+        match model.quantization {
+            Some(q) => format!("quantized, {}", q.name()),
+            None => "float".into(),
+        },
+        human_bytes(streamed)
+    );
     println!(
         "special ids    mask {}, eos {}",
         opt(c.mask_id),
@@ -51,28 +62,38 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
             "none"
         }
     );
-    println!("memory, cpu    {} of f32 weights", human_bytes(params * 4));
+    // The CPU backend copies f32 matrices and computes from all others as
+    // stored (memory-mapped); norms and biases are widened to f32.
+    let f32_copies: u64 = tensors
+        .layers
+        .iter()
+        .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+        .chain([&tensors.embed, &tensors.head])
+        .filter(|m| m.encoding == dllm::quant::Encoding::F32)
+        .map(|m| m.stored_bytes())
+        .sum();
+    println!(
+        "memory, cpu    {} of weights as stored (mapped){}",
+        human_bytes(model.checkpoint.total_bytes()),
+        if f32_copies > 0 {
+            format!(" + {} of f32 matrices copied", human_bytes(f32_copies))
+        } else {
+            String::new()
+        }
+    );
     println!(
         "memory, cuda   {} of bf16 weights + {} of KV cache per 1k positions",
         human_bytes(params * 2),
         human_bytes(kv_per_position as u64 * 1024)
     );
+    if let Some(peak) = peak_rss_bytes() {
+        println!("peak RSS       {} (this command)", human_bytes(peak));
+    }
     Ok(())
 }
 
 fn opt(id: Option<u32>) -> String {
     id.map_or("unset".into(), |i| i.to_string())
-}
-
-fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", units[unit])
 }
 
 fn human_count(n: u64) -> String {

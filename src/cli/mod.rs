@@ -5,11 +5,17 @@ mod bench;
 mod eval;
 mod generate;
 mod info;
+mod quantize;
 mod request;
+mod resources;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use dllm::convert::{convert, WeightFormat};
+use dllm::quant::Quantization;
+use dllm::Model;
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +43,8 @@ enum Command {
         #[command(flatten)]
         model: ModelArg,
     },
+    /// Write a model's weights quantized (int8 or 4-bit) as a new model directory.
+    Quantize(quantize::QuantizeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,16 +53,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Batch(args) => batch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::Info { model } => info::run(&model.resolve()),
+        Command::Info { model } => info::run(&model),
+        Command::Quantize(args) => quantize::run(args),
     }
 }
 
-/// The model directory, defaulting to the small model shipped in the repository.
+/// The model directory, defaulting to the small model shipped in the
+/// repository, and the format its weights are computed in.
 #[derive(clap::Args)]
 struct ModelArg {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Convert the weights at load: int8 (one scale per output channel),
+    /// int4 (one scale per --group-size inputs), bf16 or f32 [default: as
+    /// stored].
+    #[arg(long, value_enum)]
+    weights: Option<WeightsArg>,
+    /// Inputs per 4-bit scale with --weights int4: 32, 64 or 128.
+    #[arg(long, default_value_t = 32)]
+    group_size: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightsArg {
+    F32,
+    Bf16,
+    Int8,
+    Int4,
 }
 
 impl ModelArg {
@@ -62,6 +88,31 @@ impl ModelArg {
         self.model.clone().unwrap_or_else(|| {
             PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-arith"))
         })
+    }
+
+    /// The format `--weights` asks for, if any.
+    fn format(&self) -> anyhow::Result<Option<WeightFormat>> {
+        let bits = match self.weights {
+            None => return Ok(None),
+            Some(WeightsArg::F32) => return Ok(Some(WeightFormat::F32)),
+            Some(WeightsArg::Bf16) => return Ok(Some(WeightFormat::BF16)),
+            Some(WeightsArg::Int8) => return Ok(Some(WeightFormat::Quantized(Quantization::Int8))),
+            Some(WeightsArg::Int4) => 4,
+        };
+        let q = Quantization::new(bits, Some(self.group_size)).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(WeightFormat::Quantized(q)))
+    }
+
+    /// Opens the model directory, converting its weights as `--weights` says.
+    fn open(&self) -> anyhow::Result<Model> {
+        let dir = self.resolve();
+        let format = self.format()?;
+        let model = Model::open(&dir).with_context(|| format!("loading {}", dir.display()))?;
+        match format {
+            Some(format) => convert(model, format)
+                .with_context(|| format!("converting {} to {}", dir.display(), format.name())),
+            None => Ok(model),
+        }
     }
 }
 

@@ -1,8 +1,11 @@
 //! The float32 CPU backend: the readable reference every other backend is
 //! checked against, and the default where there is no GPU. With
 //! [`Rounding::Device`] it also rounds to bf16 where the CUDA backend does, so
-//! that the two differ only by arithmetic order (tests/cuda.rs).
+//! that the two differ only by arithmetic order (tests/cuda.rs). Weights
+//! other than f32 are computed from as stored (`matrix`): bf16 and f16
+//! stay memory-mapped, quantized ones too.
 
+pub mod matrix;
 pub mod ops;
 
 use crate::backend::{Backend, CacheLayout, ForwardPass};
@@ -11,20 +14,22 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::progress::Progress;
+use crate::quant::MatrixView;
 
+use matrix::Matrix;
 use ops::{AttentionShape, Rope};
 
 struct Layer {
     attn_norm: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
     qkv_bias: Option<[Vec<f32>; 3]>,
-    o: Vec<f32>,
+    o: Matrix,
     ffn_norm: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    down: Vec<f32>,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
 }
 
 /// Per-layer keys (rotated at their true positions) and values,
@@ -67,15 +72,16 @@ impl Rounding {
 pub struct CpuBackend {
     config: ModelConfig,
     rounding: Rounding,
-    embed: Vec<f32>,
+    embed: Matrix,
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
-    head: Vec<f32>,
+    head: Matrix,
     cache: KvCache,
 }
 
 impl CpuBackend {
-    /// Converts the model's weights to float32, showing progress on a terminal.
+    /// Takes the model's weights (f32 ones copied, others as stored),
+    /// showing progress on a terminal.
     pub fn new(model: &Model) -> Result<CpuBackend> {
         CpuBackend::with_rounding(model, Rounding::F32)
     }
@@ -84,17 +90,14 @@ impl CpuBackend {
     pub fn with_rounding(model: &Model, rounding: Rounding) -> Result<CpuBackend> {
         let tensors = model.tensors()?;
         let config = model.config.clone();
-        let f32_bytes = config.parameter_count().saturating_mul(4);
-        let progress = Progress::bytes("converting weights to f32", f32_bytes);
+        let progress = Progress::bytes("loading weights", model.checkpoint.total_bytes());
         let load = |t: &TensorView| {
-            let v = t.to_f32();
-            progress.advance(v.len() as u64 * 4);
-            v
+            progress.advance(t.bytes.len() as u64);
+            t.to_f32()
         };
-        let matrix = |t: &TensorView| {
-            let mut v = load(t);
-            rounding.round(&mut v);
-            v
+        let matrix = |m: &MatrixView| {
+            progress.advance(m.stored_bytes());
+            Matrix::load(m, rounding == Rounding::Device)
         };
         let layers = tensors
             .layers
@@ -143,7 +146,7 @@ impl CpuBackend {
     fn hidden_states(&mut self, passes: &[ForwardPass]) -> Result<Vec<f32>> {
         ForwardPass::validate_batch(passes, &self.cache.layout)?;
         let c = &self.config;
-        let (d, kv_dim, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        let (d, kv_dim) = (c.d_model, c.kv_dim());
         let tokens: Vec<u32> = passes.iter().flat_map(|p| p.tokens).copied().collect();
         let positions: Vec<u32> = passes.iter().flat_map(|p| p.positions).copied().collect();
         let n = tokens.len();
@@ -156,7 +159,9 @@ impl CpuBackend {
                     c.vocab_size
                 )));
             }
-            x.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
+            let start = x.len();
+            x.resize(start + d, 0.0);
+            self.embed.row_into(t, &mut x[start..]);
         }
         // Each pass's query rows within the batch.
         let mut spans = Vec::with_capacity(passes.len());
@@ -180,9 +185,9 @@ impl CpuBackend {
         {
             let mut h = ops::rms_norm(&x, &layer.attn_norm, c.rms_eps);
             rounding.round(&mut h);
-            let mut q = ops::linear(&h, &layer.q, n, d, d);
-            let mut k = ops::linear(&h, &layer.k, n, d, kv_dim);
-            let mut v = ops::linear(&h, &layer.v, n, d, kv_dim);
+            let mut q = layer.q.linear(&h, n);
+            let mut k = layer.k.linear(&h, n);
+            let mut v = layer.v.linear(&h, n);
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 ops::add_bias(&mut q, bq);
                 ops::add_bias(&mut k, bk);
@@ -213,15 +218,15 @@ impl CpuBackend {
                 ));
             }
             rounding.round(&mut attn);
-            ops::add_in_place(&mut x, &ops::linear(&attn, &layer.o, n, d, d));
+            ops::add_in_place(&mut x, &layer.o.linear(&attn, n));
 
             let mut h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps);
             rounding.round(&mut h);
-            let mut gate = ops::linear(&h, &layer.gate, n, d, f);
-            let up = ops::linear(&h, &layer.up, n, d, f);
+            let mut gate = layer.gate.linear(&h, n);
+            let up = layer.up.linear(&h, n);
             ops::silu_gate(&mut gate, &up);
             rounding.round(&mut gate);
-            ops::add_in_place(&mut x, &ops::linear(&gate, &layer.down, n, f, d));
+            ops::add_in_place(&mut x, &layer.down.linear(&gate, n));
         }
         let mut wanted = Vec::new();
         for (pass, span) in passes.iter().zip(&spans) {
@@ -315,7 +320,7 @@ impl Backend for CpuBackend {
         let mut normed = ops::rms_norm(&hidden, &self.final_norm, c.rms_eps);
         self.rounding.round(&mut normed);
         let rows = hidden.len() / c.d_model;
-        let logits = ops::linear(&normed, &self.head, rows, c.d_model, c.vocab_size);
+        let logits = self.head.linear(&normed, rows);
         let mut rest = logits.as_slice();
         Ok(passes
             .iter()

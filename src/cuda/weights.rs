@@ -13,11 +13,12 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 use super::driver_error;
-use crate::checkpoint::{Dtype, TensorView};
+use crate::checkpoint::TensorView;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::Model;
 use crate::progress::Progress;
+use crate::quant::{Encoding, MatrixView};
 
 pub struct Layer {
     pub attn_norm: CudaSlice<f32>,
@@ -94,11 +95,11 @@ struct Upload<'a> {
 }
 
 impl Upload<'_> {
-    /// The row-wise concatenation of `parts`, as bf16. A bf16 tensor goes to
+    /// The row-wise concatenation of `parts`, as bf16. A bf16 matrix goes to
     /// the device straight from the memory map; others are rounded on the
-    /// host first.
-    fn matrix(&self, parts: &[&TensorView]) -> Result<CudaSlice<bf16>> {
-        let total = parts.iter().map(|p| p.len()).sum();
+    /// host first (quantized ones dequantized: the GEMMs read bf16).
+    fn matrix(&self, parts: &[&MatrixView]) -> Result<CudaSlice<bf16>> {
+        let total = parts.iter().map(|p| p.rows * p.cols).sum();
         let mut device = self
             .stream
             .alloc_zeros::<bf16>(total)
@@ -106,8 +107,8 @@ impl Upload<'_> {
         let mut at = 0;
         for part in parts {
             let rounded;
-            let host: &[bf16] = match bytemuck::try_cast_slice(part.bytes) {
-                Ok(mapped) if part.dtype == Dtype::BF16 => mapped,
+            let host: &[bf16] = match bytemuck::try_cast_slice(part.values.bytes) {
+                Ok(mapped) if part.encoding == Encoding::BF16 => mapped,
                 _ => {
                     rounded = part.to_bf16();
                     &rounded
