@@ -68,9 +68,19 @@ pub fn convert_tensor(
         }
         WeightFormat::BF16 if shape.len() == 2 => {
             let rounded: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
-            vec![(name, Dtype::BF16, shape, bytemuck::cast_slice(&rounded).to_vec())]
+            vec![(
+                name,
+                Dtype::BF16,
+                shape,
+                bytemuck::cast_slice(&rounded).to_vec(),
+            )]
         }
-        _ => vec![(name, Dtype::F32, shape, bytemuck::cast_slice(values).to_vec())],
+        _ => vec![(
+            name,
+            Dtype::F32,
+            shape,
+            bytemuck::cast_slice(values).to_vec(),
+        )],
     }
 }
 
@@ -88,7 +98,11 @@ fn converted_tensors(model: &Model, format: WeightFormat) -> Result<Vec<TensorDa
             WeightFormat::BF16 => shape.len() == 2,
             WeightFormat::Quantized(_) => quantizable,
         };
-        let stored_as = if quantizable { model.quantization } else { None };
+        let stored_as = if quantizable {
+            model.quantization
+        } else {
+            None
+        };
         if !changes && stored_as.is_none() {
             let t = checkpoint.tensor(&name)?;
             out.push((name, t.dtype, shape, t.bytes.to_vec()));
@@ -149,9 +163,8 @@ pub fn write(model: &Model, format: WeightFormat, out: &Path) -> Result<()> {
         .map_err(|e| Error::invalid(format!("cannot lay out the converted tensors: {e}")))?;
     let weights = out.join("model.safetensors");
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), &weights).map_err(|e| {
-        Error::io(&weights, std::io::Error::other(e.to_string()))
-    })?;
+    safetensors::serialize_to_file(views, Some(metadata), &weights)
+        .map_err(|e| Error::io(&weights, std::io::Error::other(e.to_string())))?;
     let json = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
     let config_out = out.join("config.json");
     std::fs::write(&config_out, json).map_err(write_err(config_out.clone()))?;

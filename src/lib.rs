@@ -52,8 +52,8 @@ pub mod decode;
 mod engine;
 pub mod error;
 pub mod model;
-pub mod quant;
 mod progress;
+pub mod quant;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -123,8 +123,13 @@ impl Model {
         let layers = (0..c.n_layers)
             .map(|i| {
                 let t = |part: Part| vector(&layout.name(i, part), &layout.shape(part));
-                let m =
-                    |part: Part| matrix(&layout.name(i, part), &layout.shape(part), self.quantization);
+                let m = |part: Part| {
+                    matrix(
+                        &layout.name(i, part),
+                        &layout.shape(part),
+                        self.quantization,
+                    )
+                };
                 Ok(LayerTensors {
                     attn_norm: t(Part::AttnNorm)?,
                     q: m(Part::Q)?,

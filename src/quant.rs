@@ -113,9 +113,7 @@ impl Quantization {
         match self {
             Quantization::Int4 { group } if cols % group != 0 => Err(Error::Tensor {
                 name: name.to_string(),
-                message: format!(
-                    "group size {group} does not divide its rows of {cols} inputs"
-                ),
+                message: format!("group size {group} does not divide its rows of {cols} inputs"),
             }),
             _ => Ok(()),
         }
@@ -162,14 +160,15 @@ impl Encoding {
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             // bf16 is the high half of an f32: widening is a shift.
-            Encoding::BF16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, b)| {
-                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
-            }),
+            Encoding::BF16 => out
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, b)| {
+                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+                }),
             Encoding::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
                 // half converts slices with F16C where the CPU has it.
-                Ok(values) => {
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(values, out)
-                }
+                Ok(values) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(values, out),
                 Err(_) => out
                     .iter_mut()
                     .zip(bytes.chunks_exact(2))
@@ -249,8 +248,7 @@ impl<'a> MatrixView<'a> {
             Quantization::Int8 => vec![rows],
             Quantization::Int4 { group } => vec![rows, cols / group],
         };
-        let scales =
-            checkpoint.tensor_typed(&scale_name(name), &scale_shape, &[Dtype::F32])?;
+        let scales = checkpoint.tensor_typed(&scale_name(name), &scale_shape, &[Dtype::F32])?;
         Ok(MatrixView {
             name: values.name,
             rows,
@@ -382,7 +380,9 @@ mod tests {
     use super::*;
 
     fn values(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0).collect()
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0)
+            .collect()
     }
 
     #[test]
@@ -412,14 +412,17 @@ mod tests {
     #[test]
     fn config_names_the_unsupported_part() {
         let parse = |v: Value| Quantization::from_config(&json!({ "quantization_config": v }));
-        assert_eq!(parse(Quantization::Int8.to_config()), Ok(Some(Quantization::Int8)));
+        assert_eq!(
+            parse(Quantization::Int8.to_config()),
+            Ok(Some(Quantization::Int8))
+        );
         let int4 = Quantization::Int4 { group: 64 };
         assert_eq!(parse(int4.to_config()), Ok(Some(int4)));
         assert_eq!(Quantization::from_config(&json!({})), Ok(None));
         let err = parse(json!({"quant_method": "gptq", "bits": 4})).unwrap_err();
         assert!(err.contains("unknown quant_method \"gptq\""), "{err}");
-        let err = parse(json!({"quant_method": QUANT_METHOD, "bits": 4, "group_size": 48}))
-            .unwrap_err();
+        let err =
+            parse(json!({"quant_method": QUANT_METHOD, "bits": 4, "group_size": 48})).unwrap_err();
         assert!(err.contains("group size 48 is not supported"), "{err}");
         let err = parse(json!({"quant_method": QUANT_METHOD, "bits": 3})).unwrap_err();
         assert!(err.contains("3 bits"), "{err}");

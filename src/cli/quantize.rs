@@ -35,12 +35,12 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     if args.out.exists() && args.out.canonicalize()? == args.model.canonicalize()? {
         bail!("--out is the model directory itself: write the quantized model elsewhere");
     }
-    let model = Model::open(&args.model)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let model =
+        Model::open(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     convert::write(&model, WeightFormat::Quantized(q), &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    let written = Model::open(&args.out)
-        .with_context(|| format!("reading back {}", args.out.display()))?;
+    let written =
+        Model::open(&args.out).with_context(|| format!("reading back {}", args.out.display()))?;
     println!(
         "{}: {} ({} bytes of weights, from {})",
         args.out.display(),

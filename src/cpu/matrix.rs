@@ -92,7 +92,9 @@ impl Matrix {
     /// Row `r` in f32, into `out` (`cols` long): an embedding lookup.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         match &self.storage {
-            Storage::F32(values) => out.copy_from_slice(&values[r * self.cols..(r + 1) * self.cols]),
+            Storage::F32(values) => {
+                out.copy_from_slice(&values[r * self.cols..(r + 1) * self.cols])
+            }
             Storage::Stored {
                 bytes,
                 scales,
@@ -229,14 +231,23 @@ mod tests {
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
             .collect();
         let mut all = vec![
-            ("f32".into(), float(Dtype::F32, bytemuck::cast_slice(&w).to_vec()), None),
+            (
+                "f32".into(),
+                float(Dtype::F32, bytemuck::cast_slice(&w).to_vec()),
+                None,
+            ),
             ("bf16".into(), float(Dtype::BF16, bf16), None),
             ("f16".into(), float(Dtype::F16, f16), None),
         ];
         for q in [Quantization::Int8, Quantization::Int4 { group: 32 }] {
             let quantized = quantize(&w, ROWS, COLS, q);
             let checkpoint = Checkpoint::from_tensors(vec![
-                ("w".into(), quantized.dtype, quantized.shape, quantized.values),
+                (
+                    "w".into(),
+                    quantized.dtype,
+                    quantized.shape,
+                    quantized.values,
+                ),
                 (
                     scale_name("w"),
                     Dtype::F32,
@@ -259,7 +270,10 @@ mod tests {
             for r in 0..16 {
                 let alone = matrix.linear(&x[r * COLS..(r + 1) * COLS], 1);
                 assert!(
-                    alone.iter().zip(&batch[r * ROWS..(r + 1) * ROWS]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    alone
+                        .iter()
+                        .zip(&batch[r * ROWS..(r + 1) * ROWS])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{name}: row {r} alone differs from row {r} of 16"
                 );
             }
@@ -277,7 +291,9 @@ mod tests {
                 let got = Matrix::load(&view, false).linear(&x, n);
                 let want = ops::linear(&x, &w, n, COLS, ROWS);
                 assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{name}, {n} rows"
                 );
             }
