@@ -977,7 +977,7 @@ fn quantized_model(model: &str, bits: &str, test: &str) -> PathBuf {
 }
 
 /// `dllm generate` on the tiny LLaDA quantized at load to 4 bits in groups of `group`.
-fn generate_int4(group: &str) -> Output {
+fn generate_int4(group: &'static str) -> Output {
     let args = [
         "--prompt-ids",
         "1,2",
