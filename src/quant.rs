@@ -194,6 +194,28 @@ impl Encoding {
             }
         }
     }
+
+    /// Decodes the rows `first..` of a matrix with rows of `cols` values
+    /// stored in `bytes` (all its rows) and `scales` (all its scales), as
+    /// many as fill `out`.
+    pub fn decode_rows(
+        self,
+        bytes: &[u8],
+        scales: &[f32],
+        cols: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let (row_bytes, row_scales) = (self.row_bytes(cols), self.row_scales(cols));
+        for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+            let r = first + i;
+            self.decode_row(
+                &bytes[r * row_bytes..(r + 1) * row_bytes],
+                &scales[r * row_scales..(r + 1) * row_scales],
+                row,
+            );
+        }
+    }
 }
 
 /// A `[rows, cols]` matrix of a checkpoint (a projection or the head) as
@@ -274,17 +296,8 @@ impl<'a> MatrixView<'a> {
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.rows * self.cols];
         let scales = self.scales_f32();
-        let (row_bytes, row_scales) = (
-            self.encoding.row_bytes(self.cols),
-            self.encoding.row_scales(self.cols),
-        );
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.encoding.decode_row(
-                &self.values.bytes[r * row_bytes..(r + 1) * row_bytes],
-                &scales[r * row_scales..(r + 1) * row_scales],
-                row,
-            );
-        }
+        self.encoding
+            .decode_rows(self.values.bytes, &scales, self.cols, 0, &mut out);
         out
     }
 

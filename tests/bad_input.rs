@@ -268,7 +268,7 @@ fn engine(model: &str) -> Engine {
 }
 
 #[track_caller]
-fn generate_err(engine: &Engine, prompt: &[u32], options: &DecodeOptions) -> dllm::Error {
+fn generate_err(engine: &mut Engine, prompt: &[u32], options: &DecodeOptions) -> dllm::Error {
     match engine.generate(prompt, options) {
         Ok(g) => panic!(
             "generation succeeded with {} tokens, expected an error",
@@ -393,14 +393,19 @@ fn empty_safetensors_file_is_reported() {
 #[test]
 fn missing_tensor_is_named() {
     let dir = copy_model(LLADA, "missing_tensor");
-    let name = "model.transformer.blocks.2.ff_proj.weight";
-    edit_tensors(&dir, |tensors| {
+    assert_missing_tensor_is_named(&dir, "model.transformer.blocks.2.ff_proj.weight");
+}
+
+/// Removes the tensor `name` from `dir`'s checkpoint and checks that
+/// generating names it as missing.
+fn assert_missing_tensor_is_named(dir: &Path, name: &str) {
+    edit_tensors(dir, |tensors| {
         let before = tensors.len();
         tensors.retain(|t| t.name != name);
         assert_eq!(tensors.len(), before - 1);
     });
     assert_fails(
-        &generate(&dir, &small(&["--prompt-ids", "1,2"])),
+        &generate(dir, &small(&["--prompt-ids", "1,2"])),
         RUN_ERROR,
         &[&format!("tensor {name}: missing from the checkpoint")],
     );
@@ -630,8 +635,8 @@ fn prompt_ids_outside_the_vocabulary_are_rejected() {
         &["prompt token id 600 is outside the vocabulary of 512 entries"],
     );
     // The first id just past the end is caught too, through the library.
-    let engine = engine(DREAM);
-    let e = generate_err(&engine, &[1, 512, 2], &small_options());
+    let mut engine = engine(DREAM);
+    let e = generate_err(&mut engine, &[1, 512, 2], &small_options());
     assert!(matches!(e, dllm::Error::InvalidRequest(_)), "{e:?}");
     assert_eq!(
         e.to_string(),
@@ -677,12 +682,12 @@ fn steps_not_divisible_by_the_blocks_is_rejected() {
         RUN_ERROR,
         &["steps 6 is not a positive multiple of the number of blocks 4"],
     );
-    let engine = engine(DREAM);
+    let mut engine = engine(DREAM);
     let options = DecodeOptions {
         steps: 0,
         ..small_options()
     };
-    let e = generate_err(&engine, &[1, 2], &options);
+    let e = generate_err(&mut engine, &[1, 2], &options);
     assert!(
         e.to_string()
             .contains("steps 0 is not a positive multiple of the number of blocks 2"),
@@ -736,9 +741,9 @@ fn sequence_longer_than_the_model_maximum_is_rejected() {
     ));
 
     // The golden Dream model's own limit (4096), with a long prompt.
-    let engine = engine(DREAM);
+    let mut engine = engine(DREAM);
     let prompt = vec![7u32; 4090];
-    let e = generate_err(&engine, &prompt, &small_options());
+    let e = generate_err(&mut engine, &prompt, &small_options());
     assert!(
         e.to_string()
             .contains("prompt (4090 tokens) plus gen_length (8) is 4098, longer than the model's maximum sequence length 4096"),
@@ -759,8 +764,8 @@ fn empty_prompt_ids_are_rejected() {
     );
     // Through the library the decode plan rejects it.
     for model in [LLADA, DREAM] {
-        let engine = engine(model);
-        let e = generate_err(&engine, &[], &small_options());
+        let mut engine = engine(model);
+        let e = generate_err(&mut engine, &[], &small_options());
         assert!(matches!(e, dllm::Error::InvalidRequest(_)), "{e:?}");
         assert_eq!(e.to_string(), "invalid request: the prompt is empty");
     }
@@ -847,13 +852,13 @@ fn threshold_with_factor_is_rejected() {
         RUN_ERROR,
         &["threshold and factor are two different transfer rules: give one"],
     );
-    let engine = engine(DREAM);
+    let mut engine = engine(DREAM);
     let options = DecodeOptions {
         threshold: Some(0.9),
         factor: Some(1.0),
         ..small_options()
     };
-    let e = generate_err(&engine, &[1, 2], &options);
+    let e = generate_err(&mut engine, &[1, 2], &options);
     assert!(
         e.to_string()
             .contains("threshold and factor are two different transfer rules"),
@@ -955,15 +960,33 @@ fn mask_id_predicted_by_the_model_does_not_hang() {
 // ---------------------------------------------------------------------------
 // Quantized checkpoints (written by `dllm quantize`)
 
+/// `dllm quantize --model <golden model> --out <fresh directory> ARGS...`.
+fn quantize(model: &str, test: &str, args: &[&str]) -> (Output, PathBuf) {
+    let (source, dir) = (golden(model), scratch(test));
+    let mut all = vec!["quantize", "--model", source.to_str().unwrap()];
+    all.extend(["--out", dir.to_str().unwrap()]);
+    all.extend_from_slice(args);
+    (dllm(&all), dir)
+}
+
 /// A golden model quantized to `bits` (4 bits in groups of 32) into a fresh directory.
 fn quantized_model(model: &str, bits: &str, test: &str) -> PathBuf {
-    let dir = scratch(test);
-    let mut args = vec!["quantize", "--model"];
-    let source = golden(model);
-    args.extend([source.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
-    args.extend(["--bits", bits]);
-    assert_succeeds(&dllm(&args));
+    let (out, dir) = quantize(model, test, &["--bits", bits]);
+    assert_succeeds(&out);
     dir
+}
+
+/// `dllm generate` on the tiny LLaDA quantized at load to 4 bits in groups of `group`.
+fn generate_int4(group: &'static str) -> Output {
+    let args = [
+        "--prompt-ids",
+        "1,2",
+        "--weights",
+        "int4",
+        "--group-size",
+        group,
+    ];
+    generate(&golden(LLADA), &small(&args))
 }
 
 #[test]
@@ -978,53 +1001,20 @@ fn control_quantized_models_load_and_generate() {
 #[test]
 fn missing_scale_tensor_is_named() {
     let dir = quantized_model(LLADA, "8", "missing_scale");
-    let name = "model.transformer.blocks.1.up_proj.weight_scale";
-    edit_tensors(&dir, |tensors| {
-        let before = tensors.len();
-        tensors.retain(|t| t.name != name);
-        assert_eq!(tensors.len(), before - 1);
-    });
-    assert_fails(
-        &generate(&dir, &small(&["--prompt-ids", "1,2"])),
-        RUN_ERROR,
-        &[&format!("tensor {name}: missing from the checkpoint")],
-    );
+    assert_missing_tensor_is_named(&dir, "model.transformer.blocks.1.up_proj.weight_scale");
 }
 
 #[test]
 fn group_size_that_does_not_divide_the_rows_is_rejected() {
     // The tiny LLaDA's down projection has rows of 352 inputs: 11 × 32.
     let want = "tensor model.transformer.blocks.0.ff_out.weight: group size 64 does not divide its rows of 352 inputs";
-    let out = scratch("group_size_quantize");
-    let source = golden(LLADA);
-    let (source, out) = (source.to_str().unwrap(), out.to_str().unwrap());
-    let args = [
-        "quantize",
-        "--model",
-        source,
-        "--out",
-        out,
-        "--bits",
-        "4",
-        "--group-size",
-        "64",
-    ];
-    assert_fails(&dllm(&args), RUN_ERROR, &[want]);
-    assert_fails(
-        &generate(
-            &golden(LLADA),
-            &small(&[
-                "--prompt-ids",
-                "1,2",
-                "--weights",
-                "int4",
-                "--group-size",
-                "64",
-            ]),
-        ),
-        RUN_ERROR,
-        &[want],
+    let (out, _) = quantize(
+        LLADA,
+        "group_size_quantize",
+        &["--bits", "4", "--group-size", "64"],
     );
+    assert_fails(&out, RUN_ERROR, &[want]);
+    assert_fails(&generate_int4("64"), RUN_ERROR, &[want]);
     // A checkpoint whose config claims other groups than its scales hold:
     // the first matrix's scales have the wrong shape.
     let dir = quantized_model(LLADA, "4", "group_size_config");
@@ -1041,33 +1031,13 @@ fn group_size_that_does_not_divide_the_rows_is_rejected() {
 #[test]
 fn unsupported_group_size_and_bits_are_rejected() {
     assert_fails(
-        &generate(
-            &golden(LLADA),
-            &small(&[
-                "--prompt-ids",
-                "1,2",
-                "--weights",
-                "int4",
-                "--group-size",
-                "48",
-            ]),
-        ),
+        &generate_int4("48"),
         RUN_ERROR,
         &["group size 48 is not supported: expected one of [32, 64, 128]"],
     );
-    let out = scratch("quantize_3_bits");
-    let source = golden(LLADA);
-    let args = [
-        "quantize",
-        "--model",
-        source.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--bits",
-        "3",
-    ];
+    let (out, _) = quantize(LLADA, "quantize_3_bits", &["--bits", "3"]);
     assert_fails(
-        &dllm(&args),
+        &out,
         RUN_ERROR,
         &["3 bits are not supported: expected 8 or 4"],
     );

@@ -99,7 +99,7 @@ impl Matrix {
                 bytes,
                 scales,
                 encoding,
-            } => decode_rows(bytes, scales, *encoding, self.cols, r, out),
+            } => encoding.decode_rows(bytes, scales, self.cols, r, out),
         }
     }
 
@@ -127,7 +127,7 @@ impl Matrix {
             let tile_rows = tile_rows.min(rows - first);
             TILE.with_borrow_mut(|tile| {
                 tile.resize(tile_rows * cols, 0.0);
-                decode_rows(bytes, scales, encoding, cols, first, tile);
+                encoding.decode_rows(bytes, scales, cols, first, tile);
                 // SAFETY: x is n × cols and the tile tile_rows × cols, both
                 // row-major (the tile read transposed); the output is the
                 // columns first..first + tile_rows of y (n × rows), which no
@@ -175,26 +175,6 @@ impl OutputColumns {
     /// (Send) wrapper rather than its pointer field.
     fn at(self, first: usize) -> *mut f32 {
         self.0.wrapping_add(first)
-    }
-}
-
-/// Decodes the rows `first..` of a stored matrix that fill `out`.
-fn decode_rows(
-    bytes: &[u8],
-    scales: &[f32],
-    encoding: Encoding,
-    cols: usize,
-    first: usize,
-    out: &mut [f32],
-) {
-    let (row_bytes, row_scales) = (encoding.row_bytes(cols), encoding.row_scales(cols));
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        let r = first + i;
-        encoding.decode_row(
-            &bytes[r * row_bytes..(r + 1) * row_bytes],
-            &scales[r * row_scales..(r + 1) * row_scales],
-            row,
-        );
     }
 }
 
