@@ -268,7 +268,7 @@ fn engine(model: &str) -> Engine {
 }
 
 #[track_caller]
-fn generate_err(engine: &mut Engine, prompt: &[u32], options: &DecodeOptions) -> dllm::Error {
+fn generate_err(engine: &Engine, prompt: &[u32], options: &DecodeOptions) -> dllm::Error {
     match engine.generate(prompt, options) {
         Ok(g) => panic!(
             "generation succeeded with {} tokens, expected an error",
@@ -635,8 +635,8 @@ fn prompt_ids_outside_the_vocabulary_are_rejected() {
         &["prompt token id 600 is outside the vocabulary of 512 entries"],
     );
     // The first id just past the end is caught too, through the library.
-    let mut engine = engine(DREAM);
-    let e = generate_err(&mut engine, &[1, 512, 2], &small_options());
+    let engine = engine(DREAM);
+    let e = generate_err(&engine, &[1, 512, 2], &small_options());
     assert!(matches!(e, dllm::Error::InvalidRequest(_)), "{e:?}");
     assert_eq!(
         e.to_string(),
@@ -682,12 +682,12 @@ fn steps_not_divisible_by_the_blocks_is_rejected() {
         RUN_ERROR,
         &["steps 6 is not a positive multiple of the number of blocks 4"],
     );
-    let mut engine = engine(DREAM);
+    let engine = engine(DREAM);
     let options = DecodeOptions {
         steps: 0,
         ..small_options()
     };
-    let e = generate_err(&mut engine, &[1, 2], &options);
+    let e = generate_err(&engine, &[1, 2], &options);
     assert!(
         e.to_string()
             .contains("steps 0 is not a positive multiple of the number of blocks 2"),
@@ -741,9 +741,9 @@ fn sequence_longer_than_the_model_maximum_is_rejected() {
     ));
 
     // The golden Dream model's own limit (4096), with a long prompt.
-    let mut engine = engine(DREAM);
+    let engine = engine(DREAM);
     let prompt = vec![7u32; 4090];
-    let e = generate_err(&mut engine, &prompt, &small_options());
+    let e = generate_err(&engine, &prompt, &small_options());
     assert!(
         e.to_string()
             .contains("prompt (4090 tokens) plus gen_length (8) is 4098, longer than the model's maximum sequence length 4096"),
@@ -764,8 +764,8 @@ fn empty_prompt_ids_are_rejected() {
     );
     // Through the library the decode plan rejects it.
     for model in [LLADA, DREAM] {
-        let mut engine = engine(model);
-        let e = generate_err(&mut engine, &[], &small_options());
+        let engine = engine(model);
+        let e = generate_err(&engine, &[], &small_options());
         assert!(matches!(e, dllm::Error::InvalidRequest(_)), "{e:?}");
         assert_eq!(e.to_string(), "invalid request: the prompt is empty");
     }
@@ -852,13 +852,13 @@ fn threshold_with_factor_is_rejected() {
         RUN_ERROR,
         &["threshold and factor are two different transfer rules: give one"],
     );
-    let mut engine = engine(DREAM);
+    let engine = engine(DREAM);
     let options = DecodeOptions {
         threshold: Some(0.9),
         factor: Some(1.0),
         ..small_options()
     };
-    let e = generate_err(&mut engine, &[1, 2], &options);
+    let e = generate_err(&engine, &[1, 2], &options);
     assert!(
         e.to_string()
             .contains("threshold and factor are two different transfer rules"),
