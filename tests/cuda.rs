@@ -15,8 +15,10 @@
 //!   the last bit of exp/sin/cos: F32 = 1e-4.
 //!
 //! The shapes cover every edge the kernels have (partial tiles and query
-//! blocks, GQA, split attention and its combine, each head dim, the
-//! vectorised and scalar confidence paths) and stay small enough for the
+//! blocks, GQA, split attention and its combine, each head dim, batches of
+//! sequences of different lengths over cache pages that are not adjacent,
+//! split and unsplit in one launch, the vectorised and scalar confidence
+//! paths) and stay small enough for the
 //! emulation: the whole file takes two to three minutes on two cores.
 //!
 //! End to end, only well-conditioned models are compared (the golden tiny
