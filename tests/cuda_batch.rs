@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::tapped::{Tap, Tapped};
-use dllm::backend::Backend;
+use dllm::backend::{Backend, CacheLayout, ForwardPass};
 use dllm::cuda::{CudaBackend, Driver, Gpu};
 use dllm::{CacheMode, DecodeOptions, Engine, EngineOptions, Event, Model};
 
@@ -152,5 +152,68 @@ fn requests_decoded_together_are_decoded_as_alone() {
         let batched = batched.unwrap();
         assert_eq!(batched.tokens, alone.tokens, "request {i}: tokens");
         assert_eq!(batched.nfe, alone.nfe, "request {i}: NFE");
+    }
+}
+
+/// One batched forward of three full passes (210 rows, more than the
+/// activations hold for one sequence alone, so they grow), each over pages
+/// dealt in turn from the top of the pool, so none is consecutive: every
+/// pass's logits are, bit for bit, what the pass gives alone, including a
+/// pass that asks for no rows.
+#[test]
+fn a_batch_grows_the_activations_and_each_pass_gets_its_own_logits() {
+    let model = tiny_arith();
+    let mut cuda = cuda(&model).unwrap();
+    let page_size = 16;
+    cuda.allocate_cache(CacheLayout {
+        pages: 24,
+        page_size,
+    })
+    .unwrap();
+    // One sequence's most rows, rounded up to a whole head chunk.
+    let alone = cuda.batch_capacity();
+    assert!((model.config.max_seq_len..210).contains(&alone), "{alone}");
+
+    let mask = model.config.mask_id.unwrap();
+    let (lens, rows): ([usize; 3], _) = ([80, 70, 60], [0..80, 33..40, 7..7]);
+    let mut inputs = Vec::new();
+    for (i, &len) in lens.iter().enumerate() {
+        // A prompt of varied ids, then masks.
+        let tokens: Vec<u32> = (0..len as u32)
+            .map(|p| {
+                if p < 30 {
+                    (p * 7 + i as u32) % mask
+                } else {
+                    mask
+                }
+            })
+            .collect();
+        let positions: Vec<u32> = (0..len as u32).collect();
+        let pages: Vec<u32> = (0..len.div_ceil(page_size))
+            .map(|j| (23 - i - 3 * j) as u32)
+            .collect();
+        inputs.push((tokens, positions, pages));
+    }
+    let passes: Vec<ForwardPass> = inputs
+        .iter()
+        .zip(&rows)
+        .map(|((tokens, positions, pages), rows)| ForwardPass {
+            tokens,
+            positions,
+            write_slot: 0,
+            attend_len: tokens.len(),
+            rows: rows.clone(),
+            pages,
+        })
+        .collect();
+
+    let together = cuda.logits(&passes).unwrap();
+    assert!(cuda.batch_capacity() >= 210, "{}", cuda.batch_capacity());
+    let vocab = model.config.vocab_size;
+    for (i, (pass, got)) in passes.iter().zip(&together).enumerate() {
+        assert_eq!(got.len(), pass.rows.len() * vocab, "pass {i}");
+        let alone = cuda.logits_of(pass).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(got) == bits(&alone), "pass {i}: batched logits differ");
     }
 }

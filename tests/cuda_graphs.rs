@@ -66,8 +66,10 @@ fn replayed_steps_equal_eager_steps() {
     assert_eq!(eager_replays, 0);
     // 3 strategies x 2 blocks x 8 steps: a block's full step and its first
     // cached step run eagerly, the second is captured and replayed, the
-    // other five replay; more where a geometry recurs across requests (the
-    // last block, whose suffix is empty, looks alike in every strategy).
+    // other five replay; more where a geometry recurs across blocks (a
+    // DualCache request's cached steps write other slots of the same cache,
+    // which is data, not geometry) or requests (the last block, whose suffix
+    // is empty, looks alike in every strategy).
     assert!(replays >= 3 * 2 * 6, "{replays} steps replayed");
     assert_eq!(graph_tokens, eager_tokens);
     assert_eq!(graph_stats.len(), eager_stats.len());

@@ -3,8 +3,9 @@
 //!
 //! A pass never has more tokens than its sequence has slots, so one sequence
 //! alone needs at most `min(slots, max_seq_len)` rows: `allocate_cache`
-//! sizes the activations for that, and a request alone allocates nothing
-//! during its steps. A batch's rows are the sum of its passes' tokens, which
+//! sizes the activations for that (rounded up, like every size here, to
+//! whole head chunks), and a request alone allocates nothing during its
+//! steps. A batch's rows are the sum of its passes' tokens, which
 //! only the caller knows; when a batch needs more (rows, split-attention
 //! scratch or page-table entries) than the activations hold, they are
 //! reallocated before its layers run, and never during a graph capture: a
