@@ -473,8 +473,12 @@ impl Backend for CudaBackend {
     }
 
     fn allocate_cache(&mut self, layout: CacheLayout) -> Result<()> {
-        // The graphs' launches assume the old layout's page size.
-        self.graphs.clear();
+        // Attention's launches take the page size as an argument; the page
+        // tables are data, so graphs survive any other change of layout on
+        // the same buffers.
+        if layout.page_size != self.layout.page_size {
+            self.graphs.clear();
+        }
         let slots = layout.slots();
         let initial = self.initial_capacity(&layout);
         if self
@@ -485,7 +489,9 @@ impl Backend for CudaBackend {
             self.layout = layout;
             return self.reserve(&initial);
         }
-        // Free the old buffers first: their memory counts as available.
+        // Free the old buffers first: their memory counts as available. The
+        // graphs launch on them, so they go too.
+        self.graphs.clear();
         self.activations = None;
         self.cache = None;
         self.layout = CacheLayout::default();
