@@ -15,7 +15,9 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use dllm::cuda::cudarc::driver::sys::CUevent_flags;
 use dllm::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
-use dllm::cuda::{inv_freq, AttentionScratch, Gpu, Heads, RowStats};
+use dllm::cuda::{
+    inv_freq, AttentionScratch, Gpu, Heads, RaggedAttention, RaggedDevice, RowStats, SequenceShape,
+};
 use half::bf16;
 
 const LLADA: Heads = Heads {
@@ -81,7 +83,9 @@ fn attention(c: &mut Criterion, gpu: &Gpu) {
         )
     };
     let (keys, values) = (cache(1.0), cache(0.5));
-    let mut scratch = AttentionScratch::new(&gpu.stream, gpu.kernels.sms, LLADA.head_dim).unwrap();
+    let rows = AttentionScratch::per_sequence(gpu.kernels.sms);
+    let mut scratch = AttentionScratch::new(&gpu.stream, rows, LLADA.head_dim).unwrap();
+    let mut ragged = RaggedDevice::new(&gpu.stream, 64, 1).unwrap();
     for block in [32, 64] {
         let qkv = device(gpu, pattern(block * LLADA.qkv_dim(), 1.0).collect());
         let mut out = gpu
@@ -94,6 +98,15 @@ fn attention(c: &mut Criterion, gpu: &Gpu) {
                 (4 * block * slots * LLADA.q_dim()) as u64,
             ));
             let id = BenchmarkId::new(format!("block {block}"), format!("prefix {prefix}"));
+            // One sequence in one page, as a request alone has it.
+            let sequence = SequenceShape {
+                queries: block,
+                attend_len: slots,
+                pages: &[0],
+            };
+            let plan =
+                RaggedAttention::new(&[sequence], max_slots, LLADA.heads, gpu.kernels.sms).unwrap();
+            ragged.upload(&gpu.stream, &plan).unwrap();
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
                     device_time(gpu, iters, || {
@@ -105,7 +118,7 @@ fn attention(c: &mut Criterion, gpu: &Gpu) {
                                 &values.as_view(),
                                 &mut out.as_view_mut(),
                                 &mut scratch,
-                                slots,
+                                &ragged,
                                 LLADA,
                             )
                             .unwrap()
@@ -149,6 +162,7 @@ fn kv_update(c: &mut Criterion, gpu: &Gpu) {
     for n in [32, 1024] {
         let mut qkv = device(gpu, pattern(n * LLADA.qkv_dim(), 1.0).collect());
         let positions = device(gpu, (0..n as u32).map(|p| p * 2).collect());
+        let written = device(gpu, (0..n as u32).collect());
         // Read q|k|v, write q back and k, v as bf16.
         let bytes = n * (LLADA.qkv_dim() * 4 + LLADA.q_dim() * 4 + 2 * LLADA.kv_dim() * 2);
         group.throughput(Throughput::BytesDecimal(bytes as u64));
@@ -161,10 +175,10 @@ fn kv_update(c: &mut Criterion, gpu: &Gpu) {
                             &mut qkv.as_view_mut(),
                             None,
                             &positions.as_view(),
+                            &written.as_view(),
                             &inv_freq.as_view(),
                             &mut keys.as_view_mut(),
                             &mut values.as_view_mut(),
-                            0,
                             LLADA,
                         )
                         .unwrap()

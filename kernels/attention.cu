@@ -1,19 +1,31 @@
-// Bidirectional flash attention for one forward pass.
+// Bidirectional flash attention for a batch of sequences, each over its own
+// pages of the shared key/value cache.
 //
-// Queries are the pass's tokens (q rows of the fused qkv buffer, already
-// rotated); keys and values are the layer's cache slots [0, attend_len), bf16,
-// already rotated and written by kv_update. No mask: every query sees every
-// slot. Scores never reach device memory: each block streams key/value tiles
-// through shared memory and keeps an online softmax (running max m, running
-// sum l, rescaled output) per query row, in f32.
+// Queries are the batch's tokens (q rows of the fused qkv buffer, already
+// rotated), sequence after sequence; the keys and values of a sequence are its
+// cache slots [0, attend_len), bf16, already rotated and written by kv_update.
+// Slot s of a sequence lives in physical slot
+// page_table[pages + s / page_size] * page_size + s % page_size, so a sequence's
+// pages may lie anywhere in the pool. No mask: every query sees every slot of
+// its own sequence and nothing of the others. Scores never reach device
+// memory: each block streams key/value tiles through shared memory and keeps
+// an online softmax (running max m, running sum l, rescaled output) per query
+// row, in f32.
 //
-// Shape: a block is 16 queries of one head, 4 warps of 4 query rows each; a
-// tile is 64 keys, two per lane. A cached step has few queries (a 32-token
-// block), which would leave most of the GPU idle, so the key range is also
-// split across blockIdx.z ("flash decoding"): each split writes its unnormalised
-// output and (m, l) to a scratch buffer and attention_combine merges them. With
-// one split the block writes the bf16 output directly. GQA: the blocks of the
-// query heads sharing a key/value head read the same tiles, which stay in L2.
+// Shape: a block is 16 queries of one sequence and one head, 4 warps of 4
+// query rows each; a tile is 64 keys, two per lane. The grid is (query tiles of
+// every sequence) x heads x (the batch's most key splits): the host lists each
+// tile's sequence and first query (`QueryTile`) and describes each sequence
+// once (`Sequence`, src/cuda/batch.rs), so sequences of any length share one
+// launch. A cached step has few queries (a 32-token block), which would leave
+// most of the GPU idle, so a sequence's key range is also split across
+// blockIdx.z ("flash decoding"): each split writes its unnormalised output
+// and (m, l) to the sequence's rows of a scratch buffer and attention_combine
+// merges them; blocks past their sequence's split count exit at once. With one
+// split the block writes the bf16 output directly. A sequence's splits depend
+// only on its own shape, never on the rest of the batch, so its result is the
+// same alone or batched. GQA: the blocks of the query heads sharing a
+// key/value head read the same tiles, which stay in L2.
 //
 // This runs on the CUDA cores (f32 FMA). It is the part of a full forward that
 // would gain most from tensor cores (see docs/cuda.md); cached steps are
@@ -26,6 +38,24 @@ constexpr int THREADS = 128;
 constexpr int ROWS = 4;                      // query rows per warp
 constexpr int BQ = ROWS * THREADS / 32;      // queries per block
 constexpr int BK = 64;                       // keys per tile: two per lane
+
+// One sequence of the batch (src/cuda/batch.rs `SequenceDesc`).
+struct Sequence {
+  int q_begin;     // its first query row in the batch
+  int queries;     // its query rows
+  int attend_len;  // cache slots it attends over
+  int pages;       // where its page table starts in page_table
+  int chunk;       // keys per split, a multiple of BK
+  int splits;      // key splits; 1: no scratch, no combine
+  int scratch;     // its first scratch row: split z, query i, head h is
+                   // scratch + (z * queries + i) * heads + h
+};
+
+// BQ queries of one sequence (src/cuda/batch.rs `QueryTile`).
+struct QueryTile {
+  int sequence;
+  int q0;  // first query row in the batch
+};
 
 template <int HD>
 struct __align__(16) Tile {
@@ -47,22 +77,30 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
                                           const bf16* __restrict__ k_cache,
                                           const bf16* __restrict__ v_cache,
                                           bf16* __restrict__ out, float* __restrict__ part_o,
-                                          float2* __restrict__ part_ml, int n, int attend_len,
-                                          int chunk, int heads, int kv_heads) {
+                                          float2* __restrict__ part_ml,
+                                          const Sequence* __restrict__ sequences,
+                                          const QueryTile* __restrict__ tiles,
+                                          const unsigned* __restrict__ page_table, int page_size,
+                                          int heads, int kv_heads) {
   // Output column pairs per lane; with HD = 32 only lanes 0..15 own a pair.
   constexpr int PAIRS = (HD / 2 + 31) / 32;
+  const QueryTile tile = tiles[blockIdx.x];
+  const Sequence seq = sequences[tile.sequence];
+  if ((int)blockIdx.z >= seq.splits) return;  // the whole block: no barrier is left waiting
   __shared__ Tile<HD> t;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int q0 = blockIdx.x * BQ, head = blockIdx.y;
+  const int q0 = tile.q0, q_end = seq.q_begin + seq.queries, head = blockIdx.y;
   const int kv_head = head / (heads / kv_heads);
   const int d = heads * HD, kv = kv_heads * HD;
-  const int key_begin = blockIdx.z * chunk, key_end = min(attend_len, key_begin + chunk);
+  const int key_begin = blockIdx.z * seq.chunk;
+  const int key_end = min(seq.attend_len, key_begin + seq.chunk);
+  const unsigned* pages = page_table + seq.pages;
   const float scale_log2 = 1.4426950408889634f / sqrtf((float)HD);
   const auto owns = [](int lane, int j) { return owns_pair<HD>(lane, j); };
 
   for (int i = threadIdx.x; i < BQ * HD; i += THREADS) {
     const int r = i / HD, c = i % HD;
-    t.q[r][c] = q0 + r < n ? qkv[(size_t)(q0 + r) * (d + 2 * kv) + head * HD + c] * scale_log2 : 0.f;
+    t.q[r][c] = q0 + r < q_end ? qkv[(size_t)(q0 + r) * (d + 2 * kv) + head * HD + c] * scale_log2 : 0.f;
   }
 
   float m[ROWS], l[ROWS], o[ROWS][PAIRS][2];
@@ -74,15 +112,17 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
     for (int j = 0; j < PAIRS; ++j) o[r][j][0] = o[r][j][1] = 0.f;
   }
 
-  for (int tile = key_begin; tile < key_end; tile += BK) {
+  for (int first = key_begin; first < key_end; first += BK) {
     __syncthreads();  // the previous tile is consumed (and, the first time, q is written)
     // 16-byte loads. Slots past key_end may hold anything (even NaN): they are
     // replaced by zeros so that 0 * v stays 0.
     for (int i = threadIdx.x; i < BK * HD / 8; i += THREADS) {
       const int key = i / (HD / 8), c = i % (HD / 8);
       uint4 kc = make_uint4(0, 0, 0, 0), vc = kc;
-      if (tile + key < key_end) {
-        const size_t at = (size_t)(tile + key) * kv + kv_head * HD + c * 8;
+      const int slot = first + key;
+      if (slot < key_end) {
+        const size_t physical = (size_t)pages[slot / page_size] * page_size + slot % page_size;
+        const size_t at = physical * kv + kv_head * HD + c * 8;
         kc = *reinterpret_cast<const uint4*>(k_cache + at);
         vc = *reinterpret_cast<const uint4*>(v_cache + at);
       }
@@ -108,7 +148,7 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
       }
     }
 
-    const bool valid0 = tile + lane < key_end, valid1 = tile + lane + 32 < key_end;
+    const bool valid0 = first + lane < key_end, valid1 = first + lane + 32 < key_end;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const float s0 = valid0 ? s[r][0] : -INFINITY, s1 = valid1 ? s[r][1] : -INFINITY;
@@ -128,7 +168,7 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
     }
     __syncwarp();
 
-    const int keys = min(BK, key_end - tile);
+    const int keys = min(BK, key_end - first);
     for (int key = 0; key < keys; ++key) {
       float2 v[PAIRS];
 #pragma unroll
@@ -150,15 +190,16 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int q = q0 + warp * ROWS + r;
-    if (q >= n) continue;
-    if (gridDim.z == 1) {
+    if (q >= q_end) continue;
+    if (seq.splits == 1) {
       const float inv = 1.f / l[r];
       bf16x2* dst = reinterpret_cast<bf16x2*>(out + (size_t)q * d + head * HD);
 #pragma unroll
       for (int j = 0; j < PAIRS; ++j)
         if (owns(lane, j)) dst[lane + 32 * j] = __floats2bfloat162_rn(o[r][j][0] * inv, o[r][j][1] * inv);
     } else {
-      const size_t row = ((size_t)blockIdx.z * n + q) * heads + head;
+      const size_t row =
+          seq.scratch + ((size_t)blockIdx.z * seq.queries + (q - seq.q_begin)) * heads + head;
       float2* dst = reinterpret_cast<float2*>(part_o + row * HD);
 #pragma unroll
       for (int j = 0; j < PAIRS; ++j)
@@ -171,32 +212,43 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv,
 #define ATTENTION_KERNEL(HD)                                                                  \
   extern "C" __global__ void __launch_bounds__(THREADS) attention_hd##HD(                     \
       const float* qkv, const bf16* k_cache, const bf16* v_cache, bf16* out, float* part_o, \
-      float2* part_ml, int n, int attend_len, int chunk, int heads, int kv_heads) {         \
-    attention<HD>(qkv, k_cache, v_cache, out, part_o, part_ml, n, attend_len, chunk, heads, \
-                  kv_heads);                                                                \
+      float2* part_ml, const Sequence* sequences, const QueryTile* tiles,                    \
+      const unsigned* page_table, int page_size, int heads, int kv_heads) {                 \
+    attention<HD>(qkv, k_cache, v_cache, out, part_o, part_ml, sequences, tiles, page_table, \
+                  page_size, heads, kv_heads);                                              \
   }
 
 ATTENTION_KERNEL(32)  // the tiny golden test models
 ATTENTION_KERNEL(64)
 ATTENTION_KERNEL(128)
 
-// Merges the key splits of one (query, head): outputs are rescaled to the
-// largest running max, like two steps of the online softmax. One thread per
-// column; no split is empty (the host sizes them), so every l is positive.
+// Merges the key splits of each (query, head) of a tile whose sequence was
+// split: outputs are rescaled to the largest running max, like two steps of
+// the online softmax. One thread per column, the tile's queries in turn; no
+// split is empty (the host sizes them), so every l is positive.
 extern "C" __global__ void attention_combine(const float* __restrict__ part_o,
                                              const float2* __restrict__ part_ml,
-                                             bf16* __restrict__ out, int n, int heads,
-                                             int splits) {
-  const int q = blockIdx.x, head = blockIdx.y, head_dim = blockDim.x;
-  float max = -INFINITY;
-  for (int s = 0; s < splits; ++s) max = fmaxf(max, part_ml[((size_t)s * n + q) * heads + head].x);
-  float sum = 0.f, acc = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const size_t row = ((size_t)s * n + q) * heads + head;
-    const float2 ml = part_ml[row];
-    const float w = exp2f(ml.x - max);
-    sum += ml.y * w;
-    acc += w * part_o[row * head_dim + threadIdx.x];
+                                             bf16* __restrict__ out,
+                                             const Sequence* __restrict__ sequences,
+                                             const QueryTile* __restrict__ tiles, int heads) {
+  const QueryTile tile = tiles[blockIdx.x];
+  const Sequence seq = sequences[tile.sequence];
+  if (seq.splits == 1) return;  // attention wrote these rows itself
+  const int head = blockIdx.y, head_dim = blockDim.x;
+  const size_t stride = (size_t)seq.queries * heads;  // from one split to the next
+  const int q_end = min(tile.q0 + BQ, seq.q_begin + seq.queries);
+  for (int q = tile.q0; q < q_end; ++q) {
+    const size_t first = seq.scratch + (size_t)(q - seq.q_begin) * heads + head;
+    float max = -INFINITY;
+    for (int s = 0; s < seq.splits; ++s) max = fmaxf(max, part_ml[first + s * stride].x);
+    float sum = 0.f, acc = 0.f;
+    for (int s = 0; s < seq.splits; ++s) {
+      const size_t row = first + s * stride;
+      const float2 ml = part_ml[row];
+      const float w = exp2f(ml.x - max);
+      sum += ml.y * w;
+      acc += w * part_o[row * head_dim + threadIdx.x];
+    }
+    out[((size_t)q * heads + head) * head_dim + threadIdx.x] = __float2bfloat16(acc / sum);
   }
-  out[((size_t)q * heads + head) * head_dim + threadIdx.x] = __float2bfloat16(acc / sum);
 }

@@ -3,10 +3,15 @@
 //   - adds the q/k/v bias (Dream; null for LLaDA),
 //   - rotates q (in place, for the attention kernel) and k by RoPE at the
 //     token's true position (rotate-half convention),
-//   - writes k and v as bf16 into cache slot write_slot + i.
+//   - writes k and v as bf16 into physical cache slot slots[i].
 // Keys are cached already rotated, so attention never looks at positions: a
 // pruned suffix is just a cache whose slots hold non-contiguous positions, and
 // a DualCache step overwrites only its block's slots.
+//
+// The rows are a batch: several sequences' tokens concatenated, each sequence
+// with its own pages of the shared cache. The host resolves every row's page
+// table entry into `slots` (src/cuda/batch.rs), so this kernel needs no
+// notion of sequences or pages, and a sequence's pages need not be adjacent.
 //
 // One block per token. A thread handles rotation pairs (j, j + head_dim/2); q
 // heads and k heads are adjacent in the row, so one loop covers both. The
@@ -17,13 +22,13 @@
 extern "C" __global__ void __launch_bounds__(256)
     kv_update(float* __restrict__ qkv, const float* __restrict__ bias,
               const unsigned* __restrict__ positions, const float* __restrict__ inv_freq,
-              bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int write_slot,
-              int heads, int kv_heads, int head_dim) {
+              const unsigned* __restrict__ slots, bf16* __restrict__ k_cache,
+              bf16* __restrict__ v_cache, int heads, int kv_heads, int head_dim) {
   const int half = head_dim / 2;
   const int d = heads * head_dim, kv = kv_heads * head_dim;
   float* row = qkv + (size_t)blockIdx.x * (d + 2 * kv);
   const float pos = (float)positions[blockIdx.x];
-  const size_t slot = (size_t)(write_slot + blockIdx.x) * kv;
+  const size_t slot = (size_t)slots[blockIdx.x] * kv;
 
   for (int p = threadIdx.x; p < (heads + kv_heads) * half; p += blockDim.x) {
     const int head = p / half, j = p % half;

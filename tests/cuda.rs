@@ -15,8 +15,10 @@
 //!   the last bit of exp/sin/cos: F32 = 1e-4.
 //!
 //! The shapes cover every edge the kernels have (partial tiles and query
-//! blocks, GQA, split attention and its combine, each head dim, the
-//! vectorised and scalar confidence paths) and stay small enough for the
+//! blocks, GQA, split attention and its combine, each head dim, batches of
+//! sequences of different lengths over cache pages that are not adjacent,
+//! split and unsplit in one launch, the vectorised and scalar confidence
+//! paths) and stay small enough for the
 //! emulation: the whole file takes two to three minutes on two cores.
 //!
 //! End to end, only well-conditioned models are compared (the golden tiny
@@ -38,7 +40,10 @@ use dllm::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats, S
 use dllm::cpu::ops::{self, AttentionShape, Rope};
 use dllm::cpu::{CpuBackend, Rounding};
 use dllm::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
-use dllm::cuda::{inv_freq, AttentionScratch, CudaBackend, Driver, Gpu, Heads, RowStats};
+use dllm::cuda::{
+    inv_freq, AttentionScratch, CudaBackend, Driver, Gpu, Heads, RaggedAttention, RaggedDevice,
+    RowStats, SequenceShape,
+};
 use dllm::{synthetic, CacheMode, DecodeOptions, Model, ModelConfig};
 use half::bf16;
 
@@ -204,6 +209,32 @@ fn silu_gate_matches_the_reference() {
     assert!(err < BF16, "relative error {err}");
 }
 
+/// Page tables for sequences of `lens` slots in one pool of `page_size`-slot
+/// pages, dealt in turn and from the top down, so that no sequence's pages
+/// are consecutive, with `spare` pages nobody owns at the bottom. Returns
+/// the pool's page count and the tables.
+fn interleaved_pages(lens: &[usize], page_size: usize, spare: usize) -> (usize, Vec<Vec<u32>>) {
+    let mut tables: Vec<Vec<u32>> = vec![Vec::new(); lens.len()];
+    let need = |i: usize| lens[i].div_ceil(page_size);
+    let total = spare + (0..lens.len()).map(need).sum::<usize>();
+    let mut next = total;
+    while (0..lens.len()).any(|i| tables[i].len() < need(i)) {
+        for (i, table) in tables.iter_mut().enumerate() {
+            if table.len() < need(i) {
+                next -= 1;
+                table.push(next as u32);
+            }
+        }
+    }
+    (total, tables)
+}
+
+/// The physical slot of a sequence's slot `slot`, computed here independently
+/// of the library.
+fn physical(pages: &[u32], slot: usize, page_size: usize) -> usize {
+    pages[slot / page_size] as usize * page_size + slot % page_size
+}
+
 #[test]
 fn kv_update_rotates_and_writes_only_its_slots() {
     let (gpu, rng) = (gpu(), Rng::new());
@@ -226,9 +257,21 @@ fn kv_update_rotates_and_writes_only_its_slots() {
             false,
         ),
     ] {
-        let (n, slots, theta) = (40, 300, 1e6f32);
         let (q_dim, kv_dim, width) = (heads.q_dim(), heads.kv_dim(), heads.qkv_dim());
-        let write_slot = rng.below(slots - n + 1);
+        // A batch of two sequences' passes, (tokens, first slot written):
+        // they start and end mid-page and cross pages that are not adjacent.
+        let page_size = 16;
+        let passes = [(25, 7 + rng.below(9)), (15, 30 + rng.below(9))];
+        let lens: Vec<usize> = passes.iter().map(|(n, w)| n + w).collect();
+        let (pages, tables) = interleaved_pages(&lens, page_size, 2);
+        let slots = pages * page_size;
+        let written: Vec<usize> = passes
+            .iter()
+            .zip(&tables)
+            .flat_map(|(&(n, w), table)| (w..w + n).map(|s| physical(table, s, page_size)))
+            .collect();
+        let n = written.len();
+        let theta = 1e6f32;
         // Non-contiguous true positions, as a pruned suffix has.
         let positions: Vec<u32> = (0..n).map(|_| rng.below(4096) as u32).collect();
         let qkv = rng.values(n * width, 2.0);
@@ -240,16 +283,17 @@ fn kv_update_rotates_and_writes_only_its_slots() {
         let bias_dev = upload(&gpu, &bias);
         let (mut k_dev, mut v_dev) = (upload(&gpu, &k_before), upload(&gpu, &v_before));
         let bias_view = bias_dev.as_view();
+        let slots_dev = upload(&gpu, &written.iter().map(|&s| s as u32).collect::<Vec<_>>());
         gpu.kernels
             .kv_update(
                 &gpu.stream,
                 &mut qkv_dev.as_view_mut(),
                 with_bias.then_some(&bias_view),
                 &upload(&gpu, &positions).as_view(),
+                &slots_dev.as_view(),
                 &upload(&gpu, &inv_freq(heads.head_dim, theta)).as_view(),
                 &mut k_dev.as_view_mut(),
                 &mut v_dev.as_view_mut(),
-                write_slot,
                 heads,
             )
             .unwrap();
@@ -277,45 +321,80 @@ fn kv_update_rotates_and_writes_only_its_slots() {
         let err = rel_err(&got_q, &q);
         assert!(err < F32, "{heads:?}: q relative error {err}");
 
-        let written = write_slot * kv_dim..(write_slot + n) * kv_dim;
         for (name, got, before, want) in [
             ("k", download(&gpu, &k_dev), &k_before, &k),
             ("v", download(&gpu, &v_dev), &v_before, &v),
         ] {
-            let err = rel_err(&to_f32(&got[written.clone()]), want);
+            let rows: Vec<f32> = written
+                .iter()
+                .flat_map(|&s| to_f32(&got[s * kv_dim..(s + 1) * kv_dim]))
+                .collect();
+            let err = rel_err(&rows, want);
             assert!(err < BF16, "{heads:?}: {name} relative error {err}");
-            // A DualCache step overwrites its block's slots and nothing else.
-            assert_eq!(
-                got[..written.start],
-                before[..written.start],
-                "{name} before the slots"
-            );
-            assert_eq!(
-                got[written.end..],
-                before[written.end..],
-                "{name} after the slots"
-            );
+            // A step overwrites its rows' slots and nothing else: not the
+            // rest of their pages, not the other sequences' pages.
+            for slot in (0..slots).filter(|s| !written.contains(s)) {
+                let at = slot * kv_dim..(slot + 1) * kv_dim;
+                assert_eq!(got[at.clone()], before[at], "{name}: slot {slot} changed");
+            }
         }
     }
 }
 
-/// Attention of `n` queries over `attend_len` of `slots` cache slots, whose
-/// unused slots hold NaN so that any read past `attend_len` shows.
-fn check_attention(gpu: &Gpu, rng: &Rng, heads: Heads, n: usize, attend_len: usize) {
-    let slots = attend_len + 70;
+/// Attention of a batch of sequences, (queries, attend_len) each, every one
+/// over its own pages of a pool of `page_size`-slot pages (one page each
+/// when `page_size` is `None`), against the reference per sequence. The
+/// pool's slots that no sequence attends over (the tails of last pages, a
+/// spare page) hold NaN, so that any read of them shows.
+fn check_attention(
+    gpu: &Gpu,
+    rng: &Rng,
+    heads: Heads,
+    sequences: &[(usize, usize)],
+    page_size: Option<usize>,
+) {
     let (q_dim, kv_dim, width) = (heads.q_dim(), heads.kv_dim(), heads.qkv_dim());
+    let lens: Vec<usize> = sequences.iter().map(|&(_, len)| len).collect();
+    let page_size = page_size.unwrap_or_else(|| lens.iter().copied().max().unwrap());
+    let (pages, tables) = interleaved_pages(&lens, page_size, 1);
+    let n: usize = sequences.iter().map(|&(queries, _)| queries).sum();
     let qkv = rng.values(n * width, 1.5);
-    let fill = |len| {
-        let mut cache = rng.bf16_values(slots * kv_dim, 1.5);
-        cache[len * kv_dim..].fill(f32::NAN);
-        cache
-    };
-    let (k_cache, v_cache) = (fill(attend_len), fill(attend_len));
+    let mut pool = [
+        vec![f32::NAN; pages * page_size * kv_dim],
+        vec![f32::NAN; pages * page_size * kv_dim],
+    ];
+    // Each sequence's keys and values in slot order, for the reference.
+    let mut contiguous = Vec::new();
+    for (&len, table) in lens.iter().zip(&tables) {
+        let [k, v] = [
+            rng.bf16_values(len * kv_dim, 1.5),
+            rng.bf16_values(len * kv_dim, 1.5),
+        ];
+        for slot in 0..len {
+            let at = physical(table, slot, page_size) * kv_dim;
+            pool[0][at..at + kv_dim].copy_from_slice(&k[slot * kv_dim..][..kv_dim]);
+            pool[1][at..at + kv_dim].copy_from_slice(&v[slot * kv_dim..][..kv_dim]);
+        }
+        contiguous.push((k, v));
+    }
+    let shapes: Vec<SequenceShape> = sequences
+        .iter()
+        .zip(&tables)
+        .map(|(&(queries, attend_len), pages)| SequenceShape {
+            queries,
+            attend_len,
+            pages,
+        })
+        .collect();
+    let plan = RaggedAttention::new(&shapes, page_size, heads.heads, gpu.kernels.sms).unwrap();
+    let mut ragged = RaggedDevice::new(&gpu.stream, n, plan.page_table.len()).unwrap();
+    ragged.upload(&gpu.stream, &plan).unwrap();
+    let mut scratch =
+        AttentionScratch::new(&gpu.stream, plan.scratch_rows, heads.head_dim).unwrap();
     let mut out = poisoned_bf16(gpu, n * q_dim);
-    let mut scratch = AttentionScratch::new(&gpu.stream, gpu.kernels.sms, heads.head_dim).unwrap();
     let (k_dev, v_dev) = (
-        upload(gpu, &to_bf16(&k_cache)),
-        upload(gpu, &to_bf16(&v_cache)),
+        upload(gpu, &to_bf16(&pool[0])),
+        upload(gpu, &to_bf16(&pool[1])),
     );
     gpu.kernels
         .attention(
@@ -325,25 +404,31 @@ fn check_attention(gpu: &Gpu, rng: &Rng, heads: Heads, n: usize, attend_len: usi
             &v_dev.as_view(),
             &mut out.as_view_mut(),
             &mut scratch,
-            attend_len,
+            &ragged,
             heads,
         )
         .unwrap();
-    let q: Vec<f32> = qkv
-        .chunks_exact(width)
-        .flat_map(|r| r[..q_dim].to_vec())
-        .collect();
+    let got = to_f32(&download(gpu, &out));
     let shape = AttentionShape {
         heads: heads.heads,
         kv_heads: heads.kv_heads,
         head_dim: heads.head_dim,
     };
-    let want = ops::attention(&q, &k_cache, &v_cache, attend_len, &shape);
-    let err = rel_err(&to_f32(&download(gpu, &out)), &want);
-    assert!(
-        err < BF16,
-        "{heads:?}, {n} queries over {attend_len} slots: relative error {err}"
-    );
+    let mut row = 0;
+    for (&(queries, attend_len), (k, v)) in sequences.iter().zip(&contiguous) {
+        let q: Vec<f32> = qkv[row * width..(row + queries) * width]
+            .chunks_exact(width)
+            .flat_map(|r| r[..q_dim].to_vec())
+            .collect();
+        let want = ops::attention(&q, k, v, attend_len, &shape);
+        let err = rel_err(&got[row * q_dim..(row + queries) * q_dim], &want);
+        assert!(
+            err < BF16,
+            "{heads:?}, {queries} queries over {attend_len} slots in a batch of {sequences:?}, \
+             pages of {page_size}: relative error {err}"
+        );
+        row += queries;
+    }
 }
 
 #[test]
@@ -371,11 +456,14 @@ fn attention_matches_the_reference() {
         head_dim: 32,
     };
     for heads in [llada, dream, small, tiny] {
-        // (queries, slots): a cached step (split keys), a partial last tile and
-        // query block, one query over one slot, and a full forward.
-        for (n, attend_len) in [(32, 2048), (45, 301), (1, 1), (300, 300)] {
-            check_attention(&gpu, &rng, heads, n, attend_len);
-        }
+        // One batch, in pages of 16 that are never adjacent: a cached step
+        // (split keys), a partial last tile and query block, one query over
+        // one slot, and a full forward. Split and unsplit sequences share the
+        // launch.
+        let batch = [(32, 2048), (45, 301), (1, 1), (300, 300)];
+        check_attention(&gpu, &rng, heads, &batch, Some(16));
+        // A sequence alone in one page, as `prepare` lays out the cache.
+        check_attention(&gpu, &rng, heads, &[(45, 301)], None);
     }
 }
 

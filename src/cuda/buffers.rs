@@ -1,6 +1,16 @@
-//! Every device buffer a forward pass uses, sized once by `prepare(slots)`:
-//! a pass never has more tokens than the cache has slots, so `slots` rows
-//! bound every activation. Nothing is allocated during a step.
+//! The device buffers of a forward: the key/value cache, sized by the cache
+//! layout, and the activations, sized by a bound on the rows of a batch.
+//!
+//! A pass never has more tokens than its sequence has slots, so one sequence
+//! alone needs at most `min(slots, max_seq_len)` rows: `allocate_cache`
+//! sizes the activations for that (rounded up, like every size here, to
+//! whole head chunks), and a request alone allocates nothing during its
+//! steps. A batch's rows are the sum of its passes' tokens, which
+//! only the caller knows; when a batch needs more (rows, split-attention
+//! scratch or page-table entries) than the activations hold, they are
+//! reallocated before its layers run, and never during a graph capture: a
+//! geometry is captured only on its second sight, after its first sight
+//! already grew the buffers it needs.
 
 use std::sync::Arc;
 
@@ -10,6 +20,7 @@ use half::bf16;
 use super::driver_error;
 use super::gemm::Gemm;
 use super::kernels::{AttentionScratch, RowStats};
+use super::ragged::RaggedDevice;
 use crate::config::ModelConfig;
 use crate::error::Result;
 
@@ -17,98 +28,137 @@ use crate::error::Result;
 /// Dream's vocabulary) while a sampler's block of rows still takes one pass.
 pub const HEAD_ROWS: usize = 128;
 
-pub struct Buffers {
+/// Per layer, `[slots, kv]` keys (already rotated at their true positions)
+/// and values: the pool every sequence's pages live in.
+pub struct Cache {
     pub slots: usize,
-    pub tokens: CudaSlice<u32>,
-    pub positions: CudaSlice<u32>,
-    /// Residual stream, `[slots, d]`.
-    pub x: CudaSlice<f32>,
-    /// RMSNorm output, the input of the next GEMM, `[slots, d]`.
-    pub normed: CudaSlice<bf16>,
-    /// Fused q|k|v projection, `[slots, d + 2 kv]`.
-    pub qkv: CudaSlice<f32>,
-    /// Attention output, `[slots, d]`.
-    pub attn: CudaSlice<bf16>,
-    /// Fused gate|up projection, `[slots, 2 f]`.
-    pub gate_up: CudaSlice<f32>,
-    /// SwiGLU output, `[slots, f]`.
-    pub hidden: CudaSlice<bf16>,
-    pub logits: CudaSlice<f32>,
-    pub stats: CudaSlice<RowStats>,
-    pub scratch: AttentionScratch,
-    /// Per layer, `[slots, kv]`: keys already rotated at their true positions.
     pub keys: Vec<CudaSlice<bf16>>,
     pub values: Vec<CudaSlice<bf16>>,
 }
 
-/// Device bytes that `prepare(slots)` allocates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Footprint {
-    pub cache: usize,
-    pub activations: usize,
-}
-
-impl Footprint {
-    pub fn new(c: &ModelConfig, slots: usize, sms: usize) -> Footprint {
-        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
-        let per_row_f32 = d + (d + 2 * kv) + 2 * f;
-        let per_row_bf16 = d + d + f;
-        let head_rows = HEAD_ROWS.min(slots);
-        Footprint {
-            cache: 2 * c.n_layers * slots * kv * 2,
-            activations: slots * (2 * 4 + per_row_f32 * 4 + per_row_bf16 * 2)
-                + head_rows * (c.vocab_size * 4 + size_of::<RowStats>())
-                + AttentionScratch::bytes(sms, c.head_dim)
-                + Gemm::workspace_bytes(),
-        }
-    }
-
-    pub fn total(&self) -> usize {
-        self.cache + self.activations
-    }
-}
-
-impl Buffers {
-    pub fn new(
-        stream: &Arc<CudaStream>,
-        c: &ModelConfig,
-        slots: usize,
-        sms: usize,
-    ) -> Result<Buffers> {
-        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
-        let head_rows = HEAD_ROWS.min(slots);
-        let what = "the activations";
-        let cache = || {
+impl Cache {
+    pub fn new(stream: &Arc<CudaStream>, c: &ModelConfig, slots: usize) -> Result<Cache> {
+        let layer = || {
             (0..c.n_layers)
                 .map(|_| {
                     stream
-                        .alloc_zeros::<bf16>(slots * kv)
+                        .alloc_zeros::<bf16>(slots * c.kv_dim())
                         .map_err(driver_error("the key/value cache"))
                 })
                 .collect::<Result<Vec<_>>>()
         };
-        Ok(Buffers {
+        Ok(Cache {
             slots,
-            tokens: stream.alloc_zeros(slots).map_err(driver_error(what))?,
-            positions: stream.alloc_zeros(slots).map_err(driver_error(what))?,
-            x: stream.alloc_zeros(slots * d).map_err(driver_error(what))?,
-            normed: stream.alloc_zeros(slots * d).map_err(driver_error(what))?,
-            qkv: stream
-                .alloc_zeros(slots * (d + 2 * kv))
-                .map_err(driver_error(what))?,
-            attn: stream.alloc_zeros(slots * d).map_err(driver_error(what))?,
-            gate_up: stream
-                .alloc_zeros(slots * 2 * f)
-                .map_err(driver_error(what))?,
-            hidden: stream.alloc_zeros(slots * f).map_err(driver_error(what))?,
-            logits: stream
-                .alloc_zeros(head_rows * c.vocab_size)
-                .map_err(driver_error(what))?,
-            stats: stream.alloc_zeros(head_rows).map_err(driver_error(what))?,
-            scratch: AttentionScratch::new(stream, sms, c.head_dim)?,
-            keys: cache()?,
-            values: cache()?,
+            keys: layer()?,
+            values: layer()?,
         })
+    }
+
+    pub fn bytes(c: &ModelConfig, slots: usize) -> usize {
+        2 * c.n_layers * slots * c.kv_dim() * 2
+    }
+}
+
+/// What the activations hold at most in one batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Query rows: the sum of the passes' tokens.
+    pub tokens: usize,
+    /// Split-attention scratch rows ([`AttentionScratch`]).
+    pub scratch_rows: usize,
+    /// Page-table entries attention reads.
+    pub pages: usize,
+}
+
+impl Capacity {
+    pub fn covers(&self, need: &Capacity) -> bool {
+        self.tokens >= need.tokens
+            && self.scratch_rows >= need.scratch_rows
+            && self.pages >= need.pages
+    }
+
+    /// The larger of each bound; rows are rounded up to whole head chunks,
+    /// so that a batch growing a token at a time does not reallocate each step.
+    pub fn max(&self, other: &Capacity) -> Capacity {
+        Capacity {
+            tokens: self.tokens.max(other.tokens).next_multiple_of(HEAD_ROWS),
+            scratch_rows: self.scratch_rows.max(other.scratch_rows),
+            pages: self.pages.max(other.pages),
+        }
+    }
+}
+
+/// Every buffer a batch's forward uses besides the cache and the weights.
+pub struct Activations {
+    pub capacity: Capacity,
+    pub tokens: CudaSlice<u32>,
+    pub positions: CudaSlice<u32>,
+    /// The physical cache slot each row writes.
+    pub slots: CudaSlice<u32>,
+    /// Residual stream, `[tokens, d]`.
+    pub x: CudaSlice<f32>,
+    /// RMSNorm output, the input of the next GEMM, `[tokens, d]`.
+    pub normed: CudaSlice<bf16>,
+    /// Fused q|k|v projection, `[tokens, d + 2 kv]`.
+    pub qkv: CudaSlice<f32>,
+    /// Attention output, `[tokens, d]`.
+    pub attn: CudaSlice<bf16>,
+    /// Fused gate|up projection, `[tokens, 2 f]`.
+    pub gate_up: CudaSlice<f32>,
+    /// SwiGLU output, `[tokens, f]`.
+    pub hidden: CudaSlice<bf16>,
+    /// `[HEAD_ROWS, vocab]`.
+    pub logits: CudaSlice<f32>,
+    /// One per row of the batch.
+    pub stats: CudaSlice<RowStats>,
+    pub scratch: AttentionScratch,
+    pub ragged: RaggedDevice,
+}
+
+impl Activations {
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        c: &ModelConfig,
+        capacity: Capacity,
+    ) -> Result<Activations> {
+        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        let rows = capacity.tokens;
+        let what = "the activations";
+        Ok(Activations {
+            capacity,
+            tokens: stream.alloc_zeros(rows).map_err(driver_error(what))?,
+            positions: stream.alloc_zeros(rows).map_err(driver_error(what))?,
+            slots: stream.alloc_zeros(rows).map_err(driver_error(what))?,
+            x: stream.alloc_zeros(rows * d).map_err(driver_error(what))?,
+            normed: stream.alloc_zeros(rows * d).map_err(driver_error(what))?,
+            qkv: stream
+                .alloc_zeros(rows * (d + 2 * kv))
+                .map_err(driver_error(what))?,
+            attn: stream.alloc_zeros(rows * d).map_err(driver_error(what))?,
+            gate_up: stream
+                .alloc_zeros(rows * 2 * f)
+                .map_err(driver_error(what))?,
+            hidden: stream.alloc_zeros(rows * f).map_err(driver_error(what))?,
+            logits: stream
+                .alloc_zeros(HEAD_ROWS.min(rows) * c.vocab_size)
+                .map_err(driver_error(what))?,
+            stats: stream.alloc_zeros(rows).map_err(driver_error(what))?,
+            scratch: AttentionScratch::new(stream, capacity.scratch_rows, c.head_dim)?,
+            ragged: RaggedDevice::new(stream, rows, capacity.pages)?,
+        })
+    }
+
+    /// Device bytes `new` allocates for `capacity`.
+    pub fn bytes(c: &ModelConfig, capacity: &Capacity) -> usize {
+        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        let per_row_f32 = d + (d + 2 * kv) + 2 * f;
+        let per_row_bf16 = d + d + f;
+        let rows = capacity.tokens;
+        rows * (3 * 4 + per_row_f32 * 4 + per_row_bf16 * 2 + size_of::<RowStats>())
+            + HEAD_ROWS.min(rows) * c.vocab_size * 4
+            + AttentionScratch::bytes(capacity.scratch_rows, c.head_dim)
+            + RaggedDevice::bytes(rows, capacity.pages)
+            + Gemm::workspace_bytes()
     }
 }
 
@@ -120,27 +170,56 @@ mod tests {
         crate::synthetic::preset("llada-8b").unwrap()
     }
 
+    fn rows(tokens: usize) -> Capacity {
+        Capacity {
+            tokens,
+            scratch_rows: AttentionScratch::per_sequence(132),
+            pages: 256,
+        }
+    }
+
     #[test]
     fn llada_8b_cache_is_half_a_mebibyte_per_slot() {
         // 32 layers x (k + v) x 4096 values x 2 bytes.
-        let f = Footprint::new(&llada_8b(), 4096, 132);
-        assert_eq!(f.cache, 4096 * 512 * 1024);
-        // Activations at 4096 slots: 200 KiB a row (0.78 GiB, half of it the
+        assert_eq!(Cache::bytes(&llada_8b(), 4096), 4096 * 512 * 1024);
+        // Activations for 4096 rows: 200 KiB a row (0.78 GiB, half of it the
         // f32 gate|up rows) plus ~0.1 GiB of logits, scratch and workspace.
-        let gib = f.activations as f64 / (1u64 << 30) as f64;
+        let gib = Activations::bytes(&llada_8b(), &rows(4096)) as f64 / (1u64 << 30) as f64;
         assert!((0.85..0.9).contains(&gib), "{gib} GiB");
     }
 
     #[test]
-    fn footprint_grows_with_slots_and_bounds_the_head() {
+    fn activations_grow_with_rows_and_bound_the_head() {
         let c = llada_8b();
-        let (small, large) = (Footprint::new(&c, 64, 132), Footprint::new(&c, 1024, 132));
-        assert!(large.cache == 16 * small.cache && large.activations > small.activations);
-        // The logits buffer holds at most HEAD_ROWS rows whatever the slot count.
-        let logits = |slots| {
-            Footprint::new(&c, slots, 132).activations
-                - Footprint::new(&c, slots - 1, 132).activations
+        let bytes = |tokens| Activations::bytes(&c, &rows(tokens));
+        assert!(bytes(1024) > bytes(64));
+        // The logits buffer holds at most HEAD_ROWS rows whatever the batch:
+        // past it, a row costs the same.
+        assert_eq!(bytes(5000) - bytes(4999), bytes(4000) - bytes(3999));
+    }
+
+    #[test]
+    fn capacity_grows_to_cover_both_and_rounds_rows_to_head_chunks() {
+        let have = Capacity {
+            tokens: 128,
+            scratch_rows: 500,
+            pages: 10,
         };
-        assert_eq!(logits(5000), logits(4000));
+        let need = Capacity {
+            tokens: 130,
+            scratch_rows: 20,
+            pages: 12,
+        };
+        assert!(!have.covers(&need));
+        let grown = have.max(&need);
+        assert!(grown.covers(&need) && grown.covers(&have));
+        assert_eq!(
+            grown,
+            Capacity {
+                tokens: 256,
+                scratch_rows: 500,
+                pages: 12
+            }
+        );
     }
 }

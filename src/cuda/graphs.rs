@@ -1,12 +1,16 @@
-//! CUDA graphs of the layers of the steps that repeat. A step's layer
+//! CUDA graphs of the layers of the batches that repeat. A batch's layer
 //! launches (nine or ten per layer: 300 for LLaDA-8B) depend only on its
-//! geometry — token count and the slots it writes and attends over — and on
-//! device buffers that `prepare` fixes; its token ids are uploaded before the
-//! launches. The steps of a block after its first share one geometry, so the
-//! second such step is captured into a graph and every later one replays it
-//! with a single launch. A geometry seen once (a block's first, full step)
-//! runs eagerly: capturing it would cost more than it saves. The head (three
-//! launches for the rows still masked, which shrink step by step) stays out
+//! geometry — each sequence's token count and attended length, in batch
+//! order — and on device buffers that `allocate_cache` and the activations'
+//! growth fix. Everything else a step varies is data uploaded before the
+//! launches: token ids, positions, the cache slot each row writes (so the
+//! write slot and the pages are not part of the geometry), and attention's
+//! descriptors and page tables. The steps of a block after its first share
+//! one geometry, so the second such step is captured into a graph and every
+//! later one replays it with a single launch; a DualCache request's blocks
+//! even share one graph. A geometry seen once (a block's first, full step)
+//! runs eagerly: capturing it would cost more than it saves. The head
+//! (launches for the rows still masked, which shrink step by step) stays out
 //! of the graph.
 
 use std::collections::{HashMap, HashSet};
@@ -20,14 +24,20 @@ use crate::error::Result;
 /// so old ones are dropped wholesale rather than tracked.
 const MAX_GRAPHS: usize = 16;
 
-/// Everything a step's layer launches depend on besides device buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Everything a batch's layer launches depend on besides device buffers and
+/// the data uploaded before them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Step {
-    pub tokens: usize,
-    /// First physical cache slot of the pass's sequence.
-    pub base_slot: usize,
-    pub write_slot: usize,
-    pub attend_len: usize,
+    /// Per sequence, in batch order: (query tokens, attended slots). These
+    /// fix the GEMMs' rows and attention's grid, splits and scratch layout.
+    pub sequences: Vec<(usize, usize)>,
+}
+
+impl Step {
+    /// Rows of the batch.
+    pub fn tokens(&self) -> usize {
+        self.sequences.iter().map(|&(tokens, _)| tokens).sum()
+    }
 }
 
 /// How to run a step.
@@ -63,7 +73,8 @@ impl Graphs {
         self.clear();
     }
 
-    /// Forgets every graph: the buffers they launch on are being replaced.
+    /// Forgets every graph: the buffers they launch on, or the cache layout
+    /// their launches assume, are being replaced.
     pub fn clear(&mut self) {
         self.seen.clear();
         self.graphs.clear();
@@ -86,7 +97,7 @@ impl Graphs {
             if self.seen.len() >= MAX_GRAPHS {
                 self.clear();
             }
-            self.seen.insert(*step);
+            self.seen.insert(step.clone());
             Launch::Eager
         }
     }
@@ -106,7 +117,7 @@ impl Graphs {
         if self.graphs.len() >= MAX_GRAPHS {
             self.graphs.clear();
         }
-        self.graphs.insert(step, graph);
+        self.graphs.insert(step.clone(), graph);
         self.replay(&step)
     }
 }

@@ -14,6 +14,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 
+use super::ragged::RaggedDevice;
 use super::{driver_error, no_kernels_error};
 use crate::backend::TokenStats;
 use crate::error::{Error, Result};
@@ -127,25 +128,29 @@ impl AttentionSplit {
     }
 }
 
-/// Scratch for split attention: per (split, query, head) the unnormalised
-/// output row and its running (max, sum).
+/// Scratch for split attention: per (split, query, head) of each split
+/// sequence, the unnormalised output row and its running (max, sum).
 pub struct AttentionScratch {
+    rows: usize,
     out: CudaSlice<f32>,
     max_sum: CudaSlice<f32>,
 }
 
 impl AttentionScratch {
-    /// Rows (split × query × head) the scratch must hold. Splits only happen
-    /// when there are fewer than 2·sms query blocks, and then
+    /// Rows (split × query × head) one sequence's splits can take. Splits
+    /// only happen when there are fewer than 2·sms query blocks, and then
     /// splits · blocks < 2·sms + blocks < 4·sms, each block `ATTENTION_QUERIES`
     /// query rows of one head.
-    pub fn rows(sms: usize) -> usize {
+    pub fn per_sequence(sms: usize) -> usize {
         4 * sms * ATTENTION_QUERIES
     }
 
-    pub fn new(stream: &Arc<CudaStream>, sms: usize, head_dim: usize) -> Result<AttentionScratch> {
-        let rows = Self::rows(sms);
+    pub fn new(stream: &Arc<CudaStream>, rows: usize, head_dim: usize) -> Result<AttentionScratch> {
+        // The driver refuses empty allocations; a batch without splits
+        // reads none of it.
+        let rows = rows.max(1);
         Ok(AttentionScratch {
+            rows,
             out: stream
                 .alloc_zeros(rows * head_dim)
                 .map_err(driver_error("attention scratch"))?,
@@ -155,8 +160,12 @@ impl AttentionScratch {
         })
     }
 
-    pub fn bytes(sms: usize, head_dim: usize) -> usize {
-        Self::rows(sms) * (head_dim + 2) * 4
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn bytes(rows: usize, head_dim: usize) -> usize {
+        rows * (head_dim + 2) * 4
     }
 }
 
@@ -242,7 +251,9 @@ impl Kernels {
     }
 
     /// Adds the bias, rotates q in place and k by RoPE at `positions`, and
-    /// writes k and v into cache slots `write_slot ..`.
+    /// writes row i's k and v into physical cache slot `slots[i]`. Slots must
+    /// lie in the cache: the caller derives them from checked page tables
+    /// (src/cuda/batch.rs).
     #[allow(clippy::too_many_arguments)]
     pub fn kv_update(
         &self,
@@ -250,30 +261,22 @@ impl Kernels {
         qkv: &mut CudaViewMut<f32>,
         bias: Option<&CudaView<f32>>,
         positions: &CudaView<u32>,
+        slots: &CudaView<u32>,
         inv_freq: &CudaView<f32>,
         k_cache: &mut CudaViewMut<bf16>,
         v_cache: &mut CudaViewMut<bf16>,
-        write_slot: usize,
         heads: Heads,
     ) -> Result<()> {
         let n = positions.len();
         extent("kv_update", "qkv", qkv.len(), n * heads.qkv_dim())?;
+        extent("kv_update", "slots", slots.len(), n)?;
         extent("kv_update", "inv_freq", inv_freq.len(), heads.head_dim / 2)?;
         if let Some(bias) = bias {
             extent("kv_update", "bias", bias.len(), heads.qkv_dim())?;
         }
-        let needed = (write_slot + n) * heads.kv_dim();
-        for (name, cache) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
-            if cache < needed {
-                return Err(Error::Device(format!(
-                    "kv_update: {name} holds {cache} values, slots up to {} need {needed}",
-                    write_slot + n
-                )));
-            }
-        }
+        cache_extents("kv_update", k_cache.len(), v_cache.len(), heads)?;
         let null: u64 = 0;
-        let (slot, h, kvh, hd) = (
-            int(write_slot)?,
+        let (h, kvh, hd) = (
             int(heads.heads)?,
             int(heads.kv_heads)?,
             int(heads.head_dim)?,
@@ -284,13 +287,18 @@ impl Kernels {
             Some(bias) => args.arg(bias),
             None => args.arg(&null),
         };
-        args.arg(positions).arg(inv_freq).arg(k_cache).arg(v_cache);
-        args.arg(&slot).arg(&h).arg(&kvh).arg(&hd);
+        args.arg(positions)
+            .arg(inv_freq)
+            .arg(slots)
+            .arg(k_cache)
+            .arg(v_cache);
+        args.arg(&h).arg(&kvh).arg(&hd);
         launch(args, "kv_update", grid(n, 1, 1, ROW_THREADS)?)
     }
 
-    /// Attention of the q rows of `qkv` over cache slots `0 .. attend_len`,
-    /// into `out` (`[n, q_dim]` bf16).
+    /// Attention of the q rows of `qkv` (`[n, qkv_dim]`), each sequence of
+    /// the batch `ragged` describes (uploaded) over its own cache pages, into
+    /// `out` (`[n, q_dim]` bf16).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -300,19 +308,29 @@ impl Kernels {
         v_cache: &CudaView<bf16>,
         out: &mut CudaViewMut<bf16>,
         scratch: &mut AttentionScratch,
-        attend_len: usize,
+        ragged: &RaggedDevice,
         heads: Heads,
     ) -> Result<()> {
-        let n = out.len() / heads.q_dim();
+        let plan = &ragged.plan;
+        let n = plan.queries;
         extent("attention", "out", out.len(), n * heads.q_dim())?;
         extent("attention", "qkv", qkv.len(), n * heads.qkv_dim())?;
-        for (name, cache) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
-            if cache < attend_len * heads.kv_dim() {
-                return Err(Error::Device(format!(
-                    "attention: {name} holds {cache} values, {attend_len} slots need {}",
-                    attend_len * heads.kv_dim()
-                )));
-            }
+        let slots = cache_extents("attention", k_cache.len(), v_cache.len(), heads)?;
+        if let Some(&page) = plan
+            .page_table
+            .iter()
+            .find(|&&p| (p as usize + 1) * plan.page_size > slots)
+        {
+            return Err(Error::Device(format!(
+                "attention: page {page} of {} slots is outside a cache of {slots} slots",
+                plan.page_size
+            )));
+        }
+        if scratch.rows < plan.scratch_rows {
+            return Err(Error::Device(format!(
+                "attention: the split sequences need {} scratch rows, the scratch has {}",
+                plan.scratch_rows, scratch.rows
+            )));
         }
         if heads.kv_heads == 0 || heads.heads % heads.kv_heads != 0 {
             return Err(Error::Device(format!(
@@ -329,36 +347,34 @@ impl Kernels {
                 )))
             }
         };
-        let split = AttentionSplit::new(n, heads.heads, attend_len, self.sms);
-        let (ni, len, chunk, h, kvh) = (
-            int(n)?,
-            int(attend_len)?,
-            int(split.chunk)?,
+        let tiles = plan.tiles.len();
+        let (sequences, query_tiles) = (
+            ragged.sequences.slice(..plan.sequences.len()),
+            ragged.tiles.slice(..tiles),
+        );
+        let page_table = ragged.page_table.slice(..plan.page_table.len());
+        let (page_size, h, kvh) = (
+            int(plan.page_size)?,
             int(heads.heads)?,
             int(heads.kv_heads)?,
         );
         let mut args = stream.launch_builder(kernel);
         args.arg(qkv).arg(k_cache).arg(v_cache).arg(&mut *out);
         args.arg(&mut scratch.out).arg(&mut scratch.max_sum);
-        args.arg(&ni).arg(&len).arg(&chunk).arg(&h).arg(&kvh);
-        let blocks = grid(
-            n.div_ceil(ATTENTION_QUERIES),
-            heads.heads,
-            split.splits,
-            ATTENTION_THREADS,
-        )?;
+        args.arg(&sequences).arg(&query_tiles).arg(&page_table);
+        args.arg(&page_size).arg(&h).arg(&kvh);
+        let blocks = grid(tiles, heads.heads, plan.max_splits, ATTENTION_THREADS)?;
         launch(args, "attention", blocks)?;
-        if split.splits == 1 {
+        if plan.max_splits == 1 {
             return Ok(());
         }
-        let splits = int(split.splits)?;
         let mut args = stream.launch_builder(&self.attention_combine);
         args.arg(&scratch.out).arg(&scratch.max_sum).arg(out);
-        args.arg(&ni).arg(&h).arg(&splits);
+        args.arg(&sequences).arg(&query_tiles).arg(&h);
         launch(
             args,
             "attention_combine",
-            grid(n, heads.heads, 1, heads.head_dim as u32)?,
+            grid(tiles, heads.heads, 1, heads.head_dim as u32)?,
         )
     }
 
@@ -420,6 +436,19 @@ pub fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>
         })
 }
 
+/// The slots of a key cache and a value cache of `k` and `v` values, which
+/// must be whole and equal.
+fn cache_extents(kernel: &str, k: usize, v: usize, heads: Heads) -> Result<usize> {
+    let slots = k / heads.kv_dim().max(1);
+    if k != v || k != slots * heads.kv_dim() {
+        return Err(Error::Device(format!(
+            "{kernel}: caches of {k} and {v} values are not both whole slots of {}",
+            heads.kv_dim()
+        )));
+    }
+    Ok(slots)
+}
+
 fn extent(kernel: &str, buffer: &str, len: usize, want: usize) -> Result<()> {
     if len == want {
         Ok(())
@@ -431,7 +460,7 @@ fn extent(kernel: &str, buffer: &str, len: usize, want: usize) -> Result<()> {
 }
 
 /// Kernel arguments are 32-bit.
-fn int(v: usize) -> Result<i32> {
+pub(super) fn int(v: usize) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| Error::Device(format!("size {v} exceeds the kernels' 32-bit indices")))
 }
@@ -510,7 +539,10 @@ mod tests {
                         );
                         assert!(s.splits * s.chunk >= attend_len);
                         if s.splits > 1 {
-                            assert!(s.splits * n * heads <= AttentionScratch::rows(sms), "{s:?}");
+                            assert!(
+                                s.splits * n * heads <= AttentionScratch::per_sequence(sms),
+                                "{s:?}"
+                            );
                         }
                     }
                 }

@@ -1,18 +1,21 @@
 //! The CUDA backend: bf16 weights and key/value cache, f32 arithmetic, one
-//! stream, every buffer allocated by [`Backend::prepare`].
+//! stream; the cache allocated by [`Backend::allocate_cache`], a pool of pages
+//! that many sequences share.
 //!
-//! A forward pass ([`ForwardPass`]) runs, for its n tokens:
+//! A batch of forward passes ([`ForwardPass`], one per sequence) runs as one
+//! forward over its n rows, the passes' tokens concatenated:
 //!
 //! ```text
 //! x = embed[tokens]                                   embed.cu        f32 [n, d]
 //! per layer:
 //!   qkv  = rms_norm(x) · Wqkvᵀ                        rms_norm.cu + cuBLASLt
-//!   bias, RoPE(q), RoPE(k) → cache[write_slot..]      kv_update.cu
-//!   attn = softmax(q Kᵀ/√hd) V over cache[..attend]   attention.cu    bf16 [n, d]
+//!   bias, RoPE(q), RoPE(k) → cache[slot of each row]  kv_update.cu
+//!   attn = softmax(q Kᵀ/√hd) V, each sequence over    attention.cu    bf16 [n, d]
+//!          its own pages, one launch for the batch
 //!   x   += attn · Woᵀ                                 cuBLASLt, beta = 1
 //!   gu   = rms_norm(x) · Wgate|upᵀ                    rms_norm.cu + cuBLASLt
 //!   x   += (silu(g) * u) · Wdownᵀ                     silu_gate.cu + cuBLASLt, beta = 1
-//! rows: logits = rms_norm(x[rows]) · Wheadᵀ           in chunks of HEAD_ROWS
+//! rows: logits = rms_norm(x[rows]) · Wheadᵀ           every pass's rows together, in chunks of HEAD_ROWS
 //!       stats  = confidence(logits)                   confidence.cu: 16 bytes a row
 //! ```
 //!
@@ -21,11 +24,13 @@
 //! are opened at run time, so a binary built here runs, CPU-only, on machines
 //! without CUDA. docs/cuda.md has the design notes.
 
+mod batch;
 mod buffers;
 mod driver;
 mod gemm;
 mod graphs;
 pub mod kernels;
+mod ragged;
 mod weights;
 
 use std::ops::Range;
@@ -40,11 +45,13 @@ use crate::config::ModelConfig;
 pub use crate::cpu::ops::inv_freq;
 use crate::error::{Error, Result};
 use crate::model::Model;
-use buffers::{Buffers, Footprint, HEAD_ROWS};
+use batch::Batch;
+use buffers::{Activations, Cache, Capacity, HEAD_ROWS};
 pub use driver::Driver;
 pub use gemm::Gemm;
 use graphs::{Graphs, Launch, Step};
 pub use kernels::{AttentionScratch, AttentionSplit, Heads, Kernels, RowStats, KERNELS_BUILT};
+pub use ragged::{QueryTile, RaggedAttention, RaggedDevice, SequenceDesc, SequenceShape};
 use weights::Weights;
 
 /// The oldest driver API that loads kernels built by nvcc 13.0.
@@ -152,11 +159,11 @@ impl Gpu {
 pub struct CudaBackend {
     config: ModelConfig,
     name: String,
-    /// The cache asked for by the last allocate_cache(); the buffers may
-    /// hold more slots.
+    /// The cache asked for by the last allocate_cache(); the cache buffers
+    /// may be larger.
     layout: CacheLayout,
-    buffers: Option<Buffers>,
-    /// Before the buffers: graphs launch on them.
+    cache: Option<Cache>,
+    activations: Option<Activations>,
     graphs: Graphs,
     weights: Weights,
     gpu: Gpu,
@@ -195,7 +202,8 @@ impl CudaBackend {
             name,
             weights,
             layout: CacheLayout::default(),
-            buffers: None,
+            cache: None,
+            activations: None,
             graphs: Graphs::new(),
         })
     }
@@ -219,66 +227,130 @@ impl CudaBackend {
         self.graphs.replays()
     }
 
-    /// Checks `pass` and copies its tokens and positions to the device.
-    fn upload(&mut self, pass: &ForwardPass) -> Result<()> {
-        // Before allocate_cache() there are no pages, so no pass validates.
-        pass.validate(&self.layout)?;
-        let vocab = self.config.vocab_size;
-        if let Some(&bad) = pass.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab} entries"
-            )));
-        }
-        let b = self
-            .buffers
-            .as_mut()
-            .expect("pages > 0, so allocate_cache() allocated the buffers");
-        let n = pass.tokens.len();
-        let stream = &self.gpu.stream;
-        stream
-            .memcpy_htod(pass.tokens, &mut b.tokens.slice_mut(..n))
-            .map_err(driver_error("copying the pass to the GPU"))?;
-        stream
-            .memcpy_htod(pass.positions, &mut b.positions.slice_mut(..n))
-            .map_err(driver_error("copying the pass to the GPU"))
+    /// Rows the activations hold now: a batch with more tokens reallocates
+    /// them first.
+    pub fn batch_capacity(&self) -> usize {
+        self.activations.as_ref().map_or(0, |a| a.capacity.tokens)
     }
 
-    /// Runs the layers over the uploaded tokens of `step`, leaving the final
-    /// residual stream in `x` and the step's keys and values in the cache.
-    /// Only launches: a graph can capture it.
+    /// What the activations hold after `allocate_cache(layout)`: the rows of
+    /// one sequence alone (it has at most `max_seq_len` slots, and a pass no
+    /// more tokens than slots), one split sequence's scratch, and every page.
+    fn initial_capacity(&self, layout: &CacheLayout) -> Capacity {
+        Capacity {
+            tokens: layout.slots().min(self.config.max_seq_len),
+            scratch_rows: AttentionScratch::per_sequence(self.gpu.kernels.sms),
+            pages: layout.pages,
+        }
+    }
+
+    /// Makes the activations hold `need`, reallocating them (and dropping
+    /// the graphs launched on them) when they do not.
+    fn reserve(&mut self, need: &Capacity) -> Result<()> {
+        let have = self.activations.as_ref().map(|a| a.capacity);
+        if have.is_some_and(|have| have.covers(need)) {
+            return Ok(());
+        }
+        let capacity = have.unwrap_or_default().max(need);
+        self.graphs.clear();
+        self.activations = None;
+        self.gpu
+            .stream
+            .synchronize()
+            .map_err(driver_error("freeing the activations"))?;
+        let bytes = Activations::bytes(&self.config, &capacity);
+        let free = self.gpu.free_memory()?;
+        if bytes > free {
+            return Err(out_of_memory(
+                format!(
+                    "a batch of {} tokens needs {:.2} GiB of activations",
+                    need.tokens,
+                    bytes as f64 / GIB
+                ),
+                free,
+                &self.name,
+            ));
+        }
+        self.activations = Some(Activations::new(&self.gpu.stream, &self.config, capacity)?);
+        Ok(())
+    }
+
+    /// Checks `passes`, lays them out as one batch, copies what its launches
+    /// read to the device and runs the layers, leaving each row's final
+    /// residual stream in `x`.
+    fn forward(&mut self, passes: &[ForwardPass]) -> Result<Batch> {
+        // Before allocate_cache() there are no pages, so no pass validates.
+        ForwardPass::validate_batch(passes, &self.layout)?;
+        let c = &self.config;
+        let batch = Batch::new(
+            passes,
+            &self.layout,
+            c.vocab_size,
+            c.n_heads,
+            self.gpu.kernels.sms,
+        )?;
+        self.reserve(&batch.need())?;
+        self.upload(&batch)?;
+        self.step(&batch.step)?;
+        Ok(batch)
+    }
+
+    /// Copies the batch's rows (tokens, positions, slots) and attention
+    /// descriptors to the device.
+    fn upload(&mut self, batch: &Batch) -> Result<()> {
+        let a = self.activations.as_mut().expect("reserve() allocated them");
+        let n = batch.tokens.len();
+        let stream = &self.gpu.stream;
+        let copy = |e| driver_error("copying the batch to the GPU")(e);
+        for (host, device) in [
+            (&batch.tokens, &mut a.tokens),
+            (&batch.positions, &mut a.positions),
+            (&batch.slots, &mut a.slots),
+        ] {
+            stream
+                .memcpy_htod(host, &mut device.slice_mut(..n))
+                .map_err(copy)?;
+        }
+        a.ragged.upload(stream, &batch.attention)
+    }
+
+    /// Runs the layers over the uploaded rows of a batch of geometry `step`,
+    /// leaving the final residual stream in `x` and the batch's keys and
+    /// values in the cache. Only launches: a graph can capture it.
     fn layers(&mut self, step: &Step) -> Result<()> {
         let heads = self.heads();
         let Self {
             config: c,
             gpu,
             weights,
-            buffers,
+            cache,
+            activations,
             ..
         } = self;
-        let b = buffers.as_mut().expect("upload() checked the buffers");
-        let (n, d, f) = (step.tokens, c.d_model, c.ffn_hidden);
+        let cache = cache.as_mut().expect("validate_batch() saw a cache");
+        let a = activations.as_mut().expect("reserve() allocated them");
+        let (n, d, f) = (step.tokens(), c.d_model, c.ffn_hidden);
         let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
         let (stream, k) = (&gpu.stream, &gpu.kernels);
-        let base = step.base_slot * heads.kv_heads * heads.head_dim;
 
         k.embed(
             stream,
             &weights.embed.as_view(),
-            &b.tokens.slice(..n),
-            &mut b.x.slice_mut(..n * d),
+            &a.tokens.slice(..n),
+            &mut a.x.slice_mut(..n * d),
             d,
         )?;
         for (l, layer) in weights.layers.iter().enumerate() {
             k.rms_norm(
                 stream,
-                &b.x.slice(..n * d),
+                &a.x.slice(..n * d),
                 &layer.attn_norm.as_view(),
-                &mut b.normed.slice_mut(..n * d),
+                &mut a.normed.slice_mut(..n * d),
                 eps,
             )?;
             gpu.gemm.matmul(
-                &mut b.qkv.slice_mut(..n * qkv_dim),
-                &b.normed.slice(..n * d),
+                &mut a.qkv.slice_mut(..n * qkv_dim),
+                &a.normed.slice(..n * d),
                 &layer.qkv.as_view(),
                 d,
                 false,
@@ -286,28 +358,28 @@ impl CudaBackend {
             let bias = layer.qkv_bias.as_ref().map(|bias| bias.as_view());
             k.kv_update(
                 stream,
-                &mut b.qkv.slice_mut(..n * qkv_dim),
+                &mut a.qkv.slice_mut(..n * qkv_dim),
                 bias.as_ref(),
-                &b.positions.slice(..n),
+                &a.positions.slice(..n),
+                &a.slots.slice(..n),
                 &weights.inv_freq.as_view(),
-                &mut b.keys[l].slice_mut(base..),
-                &mut b.values[l].slice_mut(base..),
-                step.write_slot,
+                &mut cache.keys[l].as_view_mut(),
+                &mut cache.values[l].as_view_mut(),
                 heads,
             )?;
             k.attention(
                 stream,
-                &b.qkv.slice(..n * qkv_dim),
-                &b.keys[l].slice(base..),
-                &b.values[l].slice(base..),
-                &mut b.attn.slice_mut(..n * d),
-                &mut b.scratch,
-                step.attend_len,
+                &a.qkv.slice(..n * qkv_dim),
+                &cache.keys[l].as_view(),
+                &cache.values[l].as_view(),
+                &mut a.attn.slice_mut(..n * d),
+                &mut a.scratch,
+                &a.ragged,
                 heads,
             )?;
             gpu.gemm.matmul(
-                &mut b.x.slice_mut(..n * d),
-                &b.attn.slice(..n * d),
+                &mut a.x.slice_mut(..n * d),
+                &a.attn.slice(..n * d),
                 &layer.o.as_view(),
                 d,
                 true,
@@ -315,27 +387,27 @@ impl CudaBackend {
 
             k.rms_norm(
                 stream,
-                &b.x.slice(..n * d),
+                &a.x.slice(..n * d),
                 &layer.ffn_norm.as_view(),
-                &mut b.normed.slice_mut(..n * d),
+                &mut a.normed.slice_mut(..n * d),
                 eps,
             )?;
             gpu.gemm.matmul(
-                &mut b.gate_up.slice_mut(..n * 2 * f),
-                &b.normed.slice(..n * d),
+                &mut a.gate_up.slice_mut(..n * 2 * f),
+                &a.normed.slice(..n * d),
                 &layer.gate_up.as_view(),
                 d,
                 false,
             )?;
             k.silu_gate(
                 stream,
-                &b.gate_up.slice(..n * 2 * f),
-                &mut b.hidden.slice_mut(..n * f),
+                &a.gate_up.slice(..n * 2 * f),
+                &mut a.hidden.slice_mut(..n * f),
                 f,
             )?;
             gpu.gemm.matmul(
-                &mut b.x.slice_mut(..n * d),
-                &b.hidden.slice(..n * f),
+                &mut a.x.slice_mut(..n * d),
+                &a.hidden.slice(..n * f),
                 &layer.down.as_view(),
                 f,
                 true,
@@ -344,36 +416,45 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Logits of rows `rows` (at most HEAD_ROWS) of the last forward pass into
-    /// the logits buffer.
+    /// Final-norms the wanted rows of every pass into the first rows of
+    /// `normed`, one after another, so that the head's GEMMs take the whole
+    /// batch's rows together (its weights are read once per chunk, not once
+    /// per sequence).
+    fn gather_wanted(&mut self, batch: &Batch) -> Result<()> {
+        let (d, eps) = (self.config.d_model, self.config.rms_eps);
+        let a = self.activations.as_mut().expect("reserve() allocated them");
+        let mut at = 0;
+        for rows in batch.wanted.iter().filter(|r| !r.is_empty()) {
+            self.gpu.kernels.rms_norm(
+                &self.gpu.stream,
+                &a.x.slice(rows.start * d..rows.end * d),
+                &self.weights.final_norm.as_view(),
+                &mut a.normed.slice_mut(at * d..(at + rows.len()) * d),
+                eps,
+            )?;
+            at += rows.len();
+        }
+        Ok(())
+    }
+
+    /// Logits of gathered rows `rows` (at most HEAD_ROWS) into the logits
+    /// buffer.
     fn head(&mut self, rows: Range<usize>) -> Result<()> {
-        let (d, vocab, eps) = (
-            self.config.d_model,
-            self.config.vocab_size,
-            self.config.rms_eps,
-        );
-        let r = rows.len();
-        let b = self.buffers.as_mut().expect("upload() checked the buffers");
-        self.gpu.kernels.rms_norm(
-            &self.gpu.stream,
-            &b.x.slice(rows.start * d..rows.end * d),
-            &self.weights.final_norm.as_view(),
-            &mut b.normed.slice_mut(..r * d),
-            eps,
-        )?;
+        let (d, vocab) = (self.config.d_model, self.config.vocab_size);
+        let a = self.activations.as_mut().expect("reserve() allocated them");
         self.gpu.gemm.matmul(
-            &mut b.logits.slice_mut(..r * vocab),
-            &b.normed.slice(..r * d),
+            &mut a.logits.slice_mut(..rows.len() * vocab),
+            &a.normed.slice(rows.start * d..rows.end * d),
             &self.weights.head.as_view(),
             d,
             false,
         )
     }
 
-    fn row_chunks(rows: &Range<usize>) -> impl Iterator<Item = Range<usize>> + '_ {
-        rows.clone()
+    fn row_chunks(rows: usize) -> impl Iterator<Item = Range<usize>> {
+        (0..rows)
             .step_by(HEAD_ROWS)
-            .map(move |start| start..(start + HEAD_ROWS).min(rows.end))
+            .map(move |start| start..(start + HEAD_ROWS).min(rows))
     }
 }
 
@@ -383,7 +464,7 @@ impl Backend for CudaBackend {
     }
 
     fn cache_slot_bytes(&self) -> usize {
-        2 * self.config.n_layers * self.config.kv_dim() * std::mem::size_of::<half::bf16>()
+        Cache::bytes(&self.config, 1)
     }
 
     /// Half the device memory free once the weights are loaded.
@@ -392,40 +473,51 @@ impl Backend for CudaBackend {
     }
 
     fn allocate_cache(&mut self, layout: CacheLayout) -> Result<()> {
+        // Attention's launches take the page size as an argument; the page
+        // tables are data, so graphs survive any other change of layout on
+        // the same buffers.
+        if layout.page_size != self.layout.page_size {
+            self.graphs.clear();
+        }
         let slots = layout.slots();
-        if self.buffers.as_ref().is_some_and(|b| b.slots >= slots) {
+        let initial = self.initial_capacity(&layout);
+        if self
+            .cache
+            .as_ref()
+            .is_some_and(|cache| cache.slots >= slots)
+        {
             self.layout = layout;
-            return Ok(());
+            return self.reserve(&initial);
         }
         // Free the old buffers first: their memory counts as available. The
         // graphs launch on them, so they go too.
         self.graphs.clear();
-        self.buffers = None;
+        self.activations = None;
+        self.cache = None;
         self.layout = CacheLayout::default();
         self.gpu
             .stream
             .synchronize()
             .map_err(driver_error("freeing buffers"))?;
-        let need = Footprint::new(&self.config, slots, self.gpu.kernels.sms);
+        let (cache, activations) = (
+            Cache::bytes(&self.config, slots),
+            Activations::bytes(&self.config, &initial),
+        );
         let free = self.gpu.free_memory()?;
-        if need.total() > free {
+        if cache + activations > free {
             return Err(out_of_memory(
                 format!(
                     "{slots} cache slots need {:.2} GiB (key/value cache {:.2} GiB, activations {:.2} GiB)",
-                    need.total() as f64 / GIB,
-                    need.cache as f64 / GIB,
-                    need.activations as f64 / GIB
+                    (cache + activations) as f64 / GIB,
+                    cache as f64 / GIB,
+                    activations as f64 / GIB
                 ),
                 free,
                 &self.name,
             ));
         }
-        self.buffers = Some(Buffers::new(
-            &self.gpu.stream,
-            &self.config,
-            slots,
-            self.gpu.kernels.sms,
-        )?);
+        self.cache = Some(Cache::new(&self.gpu.stream, &self.config, slots)?);
+        self.reserve(&initial)?;
         self.layout = layout;
         Ok(())
     }
@@ -445,71 +537,55 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<f32>>> {
-        ForwardPass::validate_batch(passes, &self.layout)?;
-        passes.iter().map(|pass| self.pass_logits(pass)).collect()
-    }
-
-    /// The layers run as a graph when their geometry repeats (graphs.rs);
-    /// the head follows for the rows asked.
-    fn token_stats(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<TokenStats>>> {
-        ForwardPass::validate_batch(passes, &self.layout)?;
-        passes.iter().map(|pass| self.pass_stats(pass)).collect()
-    }
-}
-
-impl CudaBackend {
-    fn pass_logits(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
-        self.upload(pass)?;
-        self.layers(&self.step_of(pass)?)?;
+        let batch = self.forward(passes)?;
+        self.gather_wanted(&batch)?;
         let vocab = self.config.vocab_size;
-        let mut out = vec![0.0f32; pass.rows.len() * vocab];
-        for rows in Self::row_chunks(&pass.rows) {
+        let mut out = vec![0.0f32; batch.wanted_rows() * vocab];
+        for rows in Self::row_chunks(batch.wanted_rows()) {
             self.head(rows.clone())?;
-            let b = self.buffers.as_ref().expect("upload() checked the buffers");
-            let at = (rows.start - pass.rows.start) * vocab;
+            let a = self.activations.as_ref().expect("reserve() allocated them");
             self.gpu
                 .stream
                 .memcpy_dtoh(
-                    &b.logits.slice(..rows.len() * vocab),
-                    &mut out[at..at + rows.len() * vocab],
+                    &a.logits.slice(..rows.len() * vocab),
+                    &mut out[rows.start * vocab..rows.end * vocab],
                 )
                 .map_err(driver_error("copying logits to the host"))?;
         }
-        Ok(out)
+        Ok(batch.per_pass(out, vocab))
     }
 
-    fn pass_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
-        self.upload(pass)?;
-        let step = self.step_of(pass)?;
-        self.step(&step)?;
-        let mut out = Vec::with_capacity(pass.rows.len());
-        for rows in Self::row_chunks(&pass.rows) {
-            self.stats(rows.clone())?;
-            out.extend(self.download_stats(rows.len())?);
+    /// The layers run as a graph when the batch's geometry repeats
+    /// (graphs.rs); the head and the confidence kernel follow for the rows
+    /// asked, and only their statistics come back.
+    fn token_stats(&mut self, passes: &[ForwardPass]) -> Result<Vec<Vec<TokenStats>>> {
+        let batch = self.forward(passes)?;
+        self.gather_wanted(&batch)?;
+        let (r, vocab) = (batch.wanted_rows(), self.config.vocab_size);
+        for rows in Self::row_chunks(r) {
+            self.head(rows.clone())?;
+            let a = self.activations.as_mut().expect("reserve() allocated them");
+            self.gpu.kernels.confidence(
+                &self.gpu.stream,
+                &a.logits.slice(..rows.len() * vocab),
+                &mut a.stats.slice_mut(rows),
+                vocab,
+            )?;
         }
-        Ok(out)
-    }
-
-    /// The geometry of `pass`, whose slots must lie on consecutive pages.
-    fn step_of(&self, pass: &ForwardPass) -> Result<Step> {
-        let page_size = self.layout.page_size;
-        let pages = &pass.pages[..pass.attend_len.div_ceil(page_size)];
-        if !pages.windows(2).all(|w| w[1] == w[0] + 1) {
-            return Err(Error::Device(
-                "the CUDA backend needs each sequence's cache pages to be consecutive".into(),
-            ));
-        }
-        Ok(Step {
-            tokens: pass.tokens.len(),
-            base_slot: pages[0] as usize * page_size,
-            write_slot: pass.write_slot,
-            attend_len: pass.attend_len,
-        })
+        let a = self.activations.as_ref().expect("reserve() allocated them");
+        let mut host = vec![RowStats::default(); r];
+        self.gpu
+            .stream
+            .memcpy_dtoh(&a.stats.slice(..r), &mut host)
+            .map_err(driver_error("copying token statistics to the host"))?;
+        let stats = host.into_iter().map(TokenStats::from).collect();
+        Ok(batch.per_pass(stats, 1))
     }
 }
 
 impl CudaBackend {
-    /// The layers of `step`, replayed, captured or launched one by one.
+    /// The layers of a batch of geometry `step`, replayed, captured or
+    /// launched one by one.
     fn step(&mut self, step: &Step) -> Result<()> {
         match self.graphs.launch_of(step) {
             Launch::Replay => self.graphs.replay(step),
@@ -528,34 +604,9 @@ impl CudaBackend {
                 recorded?;
                 let graph = graph?
                     .ok_or_else(|| Error::Device("capturing a step recorded no launches".into()))?;
-                self.graphs.insert(*step, graph)
+                self.graphs.insert(step.clone(), graph)
             }
         }
-    }
-
-    /// Head logits and confidence statistics of `rows` (at most HEAD_ROWS)
-    /// into the stats buffer.
-    fn stats(&mut self, rows: Range<usize>) -> Result<()> {
-        self.head(rows.clone())?;
-        let (r, vocab) = (rows.len(), self.config.vocab_size);
-        let b = self.buffers.as_mut().expect("upload() checked the buffers");
-        self.gpu.kernels.confidence(
-            &self.gpu.stream,
-            &b.logits.slice(..r * vocab),
-            &mut b.stats.slice_mut(..r),
-            vocab,
-        )
-    }
-
-    /// The statistics of the first `r` rows of the stats buffer.
-    fn download_stats(&mut self, r: usize) -> Result<Vec<TokenStats>> {
-        let b = self.buffers.as_ref().expect("upload() checked the buffers");
-        let mut host = vec![RowStats::default(); r];
-        self.gpu
-            .stream
-            .memcpy_dtoh(&b.stats.slice(..r), &mut host)
-            .map_err(driver_error("copying token statistics to the host"))?;
-        Ok(host.into_iter().map(TokenStats::from).collect())
     }
 }
 
@@ -603,9 +654,9 @@ mod tests {
 
     #[test]
     fn head_rows_are_taken_in_bounded_chunks() {
-        let chunks: Vec<_> = CudaBackend::row_chunks(&(5..300)).collect();
-        assert_eq!(chunks, vec![5..133, 133..261, 261..300]);
-        assert_eq!(CudaBackend::row_chunks(&(7..7)).count(), 0);
+        let chunks: Vec<_> = CudaBackend::row_chunks(295).collect();
+        assert_eq!(chunks, vec![0..128, 128..256, 256..295]);
+        assert_eq!(CudaBackend::row_chunks(0).count(), 0);
     }
 
     #[test]

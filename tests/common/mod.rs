@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod tapped;
+
 use std::path::{Path, PathBuf};
 
 use dllm::{CacheMode, DecodeOptions, DreamAlg};
