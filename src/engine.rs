@@ -143,6 +143,25 @@ impl Engine {
     /// options or prompts are refused here; a request too long for the whole
     /// cache is refused through its handle.
     pub fn submit(&self, prompt: &[u32], options: &DecodeOptions) -> Result<RequestHandle> {
+        self.enqueue(prompt, options, false)
+    }
+
+    /// Like [`Engine::submit`], and the handle also reports the current
+    /// block after every step ([`Event::Step`]), to watch diffusion happen.
+    pub fn submit_watching_steps(
+        &self,
+        prompt: &[u32],
+        options: &DecodeOptions,
+    ) -> Result<RequestHandle> {
+        self.enqueue(prompt, options, true)
+    }
+
+    fn enqueue(
+        &self,
+        prompt: &[u32],
+        options: &DecodeOptions,
+        watch_steps: bool,
+    ) -> Result<RequestHandle> {
         let sequence = Sequence::new(&self.model.config, prompt, options)?;
         let (events, receiver) = mpsc::channel();
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -150,6 +169,7 @@ impl Engine {
             sequence,
             events,
             cancelled: cancelled.clone(),
+            watch_steps,
         };
         self.submissions
             .as_ref()
@@ -179,6 +199,7 @@ impl Engine {
         loop {
             match handle.next_event() {
                 Event::Block { tokens, .. } => on_block(&tokens),
+                Event::Step { .. } => {}
                 Event::Done(result) => return result,
             }
         }
@@ -187,24 +208,26 @@ impl Engine {
     /// Token ids of `text`, wrapped as a single user turn of the model's chat
     /// template when `chat` is set.
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
-        let tokenizer = self.tokenizer()?;
         if !chat {
-            return tokenizer.encode(text);
+            return self.tokenizer()?.encode(text);
         }
+        self.encode_chat(&[Message {
+            role: "user".into(),
+            content: text.into(),
+        }])
+    }
+
+    /// Token ids of a conversation rendered through the model's chat
+    /// template, ready for the assistant's turn.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let tokenizer = self.tokenizer()?;
         let template = self.model.chat_template.as_ref().ok_or_else(|| {
             Error::ChatTemplate(format!(
                 "{} has no tokenizer_config.json with a chat_template",
                 self.model.dir.display()
             ))
         })?;
-        let rendered = template.render(
-            &[Message {
-                role: "user".into(),
-                content: text.into(),
-            }],
-            true,
-        )?;
-        tokenizer.encode(&rendered)
+        tokenizer.encode(&template.render(messages, true)?)
     }
 
     /// Text of generated ids, special tokens (EOS padding, end of turn) dropped.

@@ -27,9 +27,12 @@ use crate::error::{Error, Result};
 use crate::kv_pool::PagePool;
 
 /// What a request's submitter hears, in order: its blocks as they complete,
-/// then its result.
+/// then its result. A request submitted to watch its steps also hears, after
+/// every step that completed no block, the current block as it stands (masks
+/// where nothing is committed yet).
 #[derive(Debug)]
 pub enum Event {
+    Step { index: usize, tokens: Vec<u32> },
     Block { index: usize, tokens: Vec<u32> },
     Done(Result<Generation>),
 }
@@ -39,6 +42,8 @@ pub struct Request {
     pub sequence: Sequence,
     pub events: Sender<Event>,
     pub cancelled: Arc<AtomicBool>,
+    /// Whether the submitter wants [`Event::Step`]s.
+    pub watch_steps: bool,
 }
 
 impl Request {
@@ -209,8 +214,14 @@ impl Scheduler {
             });
             match progress {
                 Ok(progress) => {
+                    let request = &running.request;
+                    if request.watch_steps && progress.blocks.is_empty() {
+                        let (index, tokens) = request.sequence.current_block();
+                        let tokens = tokens.to_vec();
+                        let _ = request.events.send(Event::Step { index, tokens });
+                    }
                     for (index, tokens) in progress.blocks {
-                        let _ = running.request.events.send(Event::Block { index, tokens });
+                        let _ = request.events.send(Event::Block { index, tokens });
                     }
                     if progress.finished {
                         finished.push((*i, None));

@@ -7,6 +7,7 @@ use clap::Args;
 use dllm::Engine;
 
 use super::request::{self, RequestArgs};
+use super::text::IncrementalText;
 use super::{DeviceArg, ModelArg};
 
 #[derive(Args)]
@@ -39,27 +40,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // Print each block as it completes. With a tokenizer, decode all the
-    // tokens so far and print what is new, so that a character split across
-    // blocks decodes whole; without one, print the ids.
-    let tokenizer = engine.model().tokenizer.clone();
-    let mut so_far: Vec<u32> = Vec::new();
-    let mut printed = String::new();
+    // Print each block as it completes.
+    let mut text = IncrementalText::new(engine.model().tokenizer.clone());
     let mut failure = None;
-    engine.generate_streaming(&prompt, &options, &mut |block| {
-        so_far.extend_from_slice(block);
-        let text = match &tokenizer {
-            Some(tokenizer) => tokenizer.decode(&so_far, true),
-            None => Ok(so_far.iter().map(|t| format!("{t} ")).collect()),
-        };
-        match text {
-            Ok(text) => {
-                print!("{}", text.strip_prefix(printed.as_str()).unwrap_or(&text));
-                let _ = std::io::stdout().flush();
-                printed = text;
-            }
-            Err(e) => failure = failure.take().or(Some(e)),
+    engine.generate_streaming(&prompt, &options, &mut |block| match text.push(block) {
+        Ok(new) => {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
         }
+        Err(e) => failure = failure.take().or(Some(e)),
     })?;
     println!();
     match failure {

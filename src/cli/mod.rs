@@ -8,6 +8,8 @@ mod info;
 mod quantize;
 mod request;
 mod resources;
+mod serve;
+mod text;
 
 use std::path::PathBuf;
 
@@ -38,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Exact-match accuracy, NFE and speed of every strategy on a held-out set.
     Eval(eval::EvalArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Print a model's architecture, parameter count, dtypes and memory needs.
     Info {
         #[command(flatten)]
@@ -53,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Batch(args) => batch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Info { model } => info::run(&model),
         Command::Quantize(args) => quantize::run(args),
     }

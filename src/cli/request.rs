@@ -1,11 +1,13 @@
 //! One request as the command line describes it, shared by `dllm generate`
-//! and `dllm batch`: the prompt and the decoding flags, the default
-//! generation length fitted to the model, and the JSON that reports it.
+//! and `dllm batch` (and, for the decoding flags, `dllm serve`): the prompt
+//! and the decoding flags, the default generation length fitted to the
+//! model, and the JSON that reports it.
 
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use dllm::{CacheMode, DecodeOptions, DreamAlg, Engine, Generation, ModelConfig};
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 /// Tokens generated when `--gen-length` is not given and the model has room.
@@ -26,22 +28,33 @@ pub struct RequestArgs {
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    decoding: DecodingArgs,
+}
+
+/// The decoding flags, which `dllm serve` also reads from a request's JSON
+/// body under the same names in snake_case (the generation length is
+/// OpenAI's `max_tokens` there), so the two resolve defaults alike.
+#[derive(Args, Deserialize)]
+pub struct DecodingArgs {
     /// Tokens to generate [default: 256, or as many whole blocks as the
     /// model's maximum sequence length leaves after the prompt].
     #[arg(long)]
+    #[serde(rename = "max_tokens")]
     gen_length: Option<usize>,
-    /// Tokens per semi-autoregressive block.
-    #[arg(long, default_value_t = 32)]
-    block_length: usize,
+    /// Tokens per semi-autoregressive block [default: 32].
+    #[arg(long)]
+    block_length: Option<usize>,
     /// Total denoising steps [default: gen-length].
     #[arg(long)]
     steps: Option<usize>,
-    /// Key/value cache used after each block's first step.
-    #[arg(long, value_enum, default_value_t = CacheArg::Dual)]
-    cache: CacheArg,
+    /// Key/value cache used after each block's first step [default: dual].
+    #[arg(long, value_enum)]
+    cache: Option<CacheArg>,
     /// Commit every token at least this confident ("none": the fixed
     /// schedule) [default: 0.9, or none with --factor or a non-threshold --alg].
     #[arg(long, value_parser = parse_threshold)]
+    #[serde(default, deserialize_with = "threshold_or_null")]
     threshold: Option<Threshold>,
     /// Factor rule for parallel decoding (instead of a threshold).
     #[arg(long)]
@@ -49,14 +62,15 @@ pub struct RequestArgs {
     /// Suffix pruning: masked positions kept after the block.
     #[arg(long)]
     suffix_window: Option<usize>,
-    /// Suffix pruning: positions kept at the end of the sequence.
+    /// Suffix pruning: positions kept at the end of the sequence [default: 1].
     #[arg(long, requires = "suffix_window")]
     suffix_tail: Option<usize>,
-    /// Dynamic threshold: tau * (1 - alpha * (1 - masked ratio)).
-    #[arg(long, default_value_t = 0.0)]
-    confidence_alpha: f64,
+    /// Dynamic threshold: tau * (1 - alpha * (1 - masked ratio)) [default: 0].
+    #[arg(long)]
+    confidence_alpha: Option<f64>,
     /// Stop once a completed block holds EOS.
     #[arg(long)]
+    #[serde(default)]
     early_exit: bool,
     /// Dream's confidence algorithm.
     #[arg(long, value_enum)]
@@ -69,7 +83,8 @@ pub struct RequestArgs {
     eos_id: Option<u32>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum CacheArg {
     None,
     Prefix,
@@ -77,8 +92,9 @@ enum CacheArg {
 }
 
 /// Dream's own spelling of its algorithms, which scripts pass verbatim.
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
 #[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 enum AlgArg {
     MaskgitPlus,
     Entropy,
@@ -101,6 +117,14 @@ fn parse_threshold(s: &str) -> Result<Threshold, String> {
         .map_err(|_| format!("expected a number or \"none\", got {s:?}"))
 }
 
+/// JSON's spelling of `--threshold`: a number, or null for the fixed
+/// schedule (an absent field keeps the default).
+fn threshold_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Threshold>, D::Error> {
+    Ok(Some(
+        Option::<f64>::deserialize(d)?.map_or(Threshold::Off, Threshold::At),
+    ))
+}
+
 impl RequestArgs {
     /// The prompt's token ids: the text encoded by the model's tokenizer
     /// (and chat template), or the ids as given.
@@ -113,8 +137,25 @@ impl RequestArgs {
     }
 
     /// The decoding options for a prompt of `prompt_len` tokens on a model
-    /// of `config`.
+    /// of `config`; a shortened default generation length is said on stderr.
     pub fn options(&self, config: &ModelConfig, prompt_len: usize) -> DecodeOptions {
+        let (options, note) = self.decoding.options(config, prompt_len);
+        if let Some(note) = note {
+            eprintln!("note: {note}");
+        }
+        options
+    }
+}
+
+impl DecodingArgs {
+    /// The decoding options for a prompt of `prompt_len` tokens on a model
+    /// of `config`, and a note when the default generation length was cut
+    /// to fit the model.
+    pub fn options(
+        &self,
+        config: &ModelConfig,
+        prompt_len: usize,
+    ) -> (DecodeOptions, Option<String>) {
         let alg = self.alg.map(|a| match a {
             AlgArg::MaskgitPlus => DreamAlg::MaskgitPlus,
             AlgArg::Entropy => DreamAlg::Entropy,
@@ -123,53 +164,62 @@ impl RequestArgs {
         });
         let wants_no_threshold =
             self.factor.is_some() || matches!(alg, Some(a) if a != DreamAlg::ConfidenceThreshold);
+        let defaults = DecodeOptions::default();
         let threshold = match self.threshold {
             Some(Threshold::At(t)) => Some(t),
             Some(Threshold::Off) => None,
             None if wants_no_threshold => None,
-            None => DecodeOptions::default().threshold,
+            None => defaults.threshold,
         };
-        let gen_length = self.gen_length(config.max_seq_len, prompt_len);
-        DecodeOptions {
+        let block_length = self.block_length.unwrap_or(defaults.block_length);
+        let (gen_length, note) = self.gen_length(config.max_seq_len, prompt_len, block_length);
+        let options = DecodeOptions {
             gen_length,
-            block_length: self.block_length,
+            block_length,
             steps: self.steps.unwrap_or(gen_length),
             cache: match self.cache {
-                CacheArg::None => CacheMode::None,
-                CacheArg::Prefix => CacheMode::Prefix,
-                CacheArg::Dual => CacheMode::Dual,
+                None => defaults.cache,
+                Some(CacheArg::None) => CacheMode::None,
+                Some(CacheArg::Prefix) => CacheMode::Prefix,
+                Some(CacheArg::Dual) => CacheMode::Dual,
             },
             threshold,
             factor: self.factor,
             suffix_window: self.suffix_window,
-            suffix_tail: self.suffix_tail.unwrap_or(1),
-            confidence_alpha: self.confidence_alpha,
+            suffix_tail: self.suffix_tail.unwrap_or(defaults.suffix_tail),
+            confidence_alpha: self.confidence_alpha.unwrap_or(defaults.confidence_alpha),
             early_exit: self.early_exit,
             alg,
             mask_id: self.mask_id,
             eos_id: self.eos_id,
-        }
+        };
+        (options, note)
     }
 
     /// `--gen-length` as given; without it the default, cut to the whole
     /// blocks that fit after the prompt when the model's maximum sequence
-    /// length leaves less room (said on stderr). When not even one block
-    /// fits, the default stays and the request's own error explains.
-    fn gen_length(&self, max_seq_len: usize, prompt_len: usize) -> usize {
+    /// length leaves less room (with a note saying so). When not even one
+    /// block fits, the default stays and the request's own error explains.
+    fn gen_length(
+        &self,
+        max_seq_len: usize,
+        prompt_len: usize,
+        block_length: usize,
+    ) -> (usize, Option<String>) {
         if let Some(n) = self.gen_length {
-            return n;
+            return (n, None);
         }
-        let block = self.block_length.max(1);
+        let block = block_length.max(1);
         let fitted = max_seq_len.saturating_sub(prompt_len) / block * block;
         if fitted >= DEFAULT_GEN_LENGTH || fitted == 0 {
-            return DEFAULT_GEN_LENGTH;
+            return (DEFAULT_GEN_LENGTH, None);
         }
-        eprintln!(
-            "note: --gen-length {fitted} instead of the default {DEFAULT_GEN_LENGTH}: the model's \
+        let note = format!(
+            "--gen-length {fitted} instead of the default {DEFAULT_GEN_LENGTH}: the model's \
              maximum sequence length is {max_seq_len} and the prompt takes {prompt_len} tokens \
              (whole blocks of {block})"
         );
-        fitted
+        (fitted, Some(note))
     }
 }
 

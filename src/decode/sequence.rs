@@ -123,6 +123,13 @@ impl Sequence {
         self.finished
     }
 
+    /// The block being decoded: its index and tokens, masks where nothing
+    /// is committed yet.
+    pub fn current_block(&self) -> (usize, &[u32]) {
+        let (bs, be) = self.block_span();
+        (self.block, &self.x[bs..be])
+    }
+
     /// The forward the current step needs. Fails when decoding stalls.
     pub fn next_pass(&mut self) -> Result<PassPlan> {
         assert!(!self.finished, "a finished sequence runs no pass");
