@@ -16,7 +16,7 @@
 // query rows each; a tile is 64 keys, two per lane. The grid is (query tiles of
 // every sequence) x heads x (the batch's most key splits): the host lists each
 // tile's sequence and first query (`QueryTile`) and describes each sequence
-// once (`Sequence`, src/cuda/batch.rs), so sequences of any length share one
+// once (`Sequence`, src/cuda/ragged.rs), so sequences of any length share one
 // launch. A cached step has few queries (a 32-token block), which would leave
 // most of the GPU idle, so a sequence's key range is also split across
 // blockIdx.z ("flash decoding"): each split writes its unnormalised output
@@ -39,7 +39,7 @@ constexpr int ROWS = 4;                      // query rows per warp
 constexpr int BQ = ROWS * THREADS / 32;      // queries per block
 constexpr int BK = 64;                       // keys per tile: two per lane
 
-// One sequence of the batch (src/cuda/batch.rs `SequenceDesc`).
+// One sequence of the batch (src/cuda/ragged.rs `SequenceDesc`).
 struct Sequence {
   int q_begin;     // its first query row in the batch
   int queries;     // its query rows
@@ -51,7 +51,7 @@ struct Sequence {
                    // scratch + (z * queries + i) * heads + h
 };
 
-// BQ queries of one sequence (src/cuda/batch.rs `QueryTile`).
+// BQ queries of one sequence (src/cuda/ragged.rs `QueryTile`).
 struct QueryTile {
   int sequence;
   int q0;  // first query row in the batch
