@@ -166,6 +166,12 @@ fn with(mut body: Value, more: Value) -> Value {
     body
 }
 
+/// The JSON answer to a request with `body`.
+async fn answer_of(client: &Client, url: impl reqwest::IntoUrl, body: &Value) -> Value {
+    let response = client.post(url).json(body).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
 /// The `data:` payloads of a server-sent event stream, read to its end.
 async fn sse_events(response: Response) -> Vec<String> {
     assert_eq!(response.status(), StatusCode::OK);
@@ -221,9 +227,9 @@ fn reassemble(events: &[String], chat: bool) -> Reassembled {
     }
 }
 
-/// Every robust golden case of `model`, 8 at a time, with its prompt as
-/// token ids: whole, then streamed. Returns the cases run and the failures.
-async fn golden_cases_over_http(model: &str) -> (usize, Vec<String>) {
+/// Every robust golden case of `model` (there are `robust_cases`), 8 at a
+/// time, with its prompt as token ids: whole, then streamed.
+async fn check_golden_cases_over_http(model: &str, robust_cases: usize) {
     let server = Server::start(&golden_dir(model), &[]);
     let client = Client::new();
     let golden = cases(model);
@@ -250,15 +256,7 @@ async fn golden_cases_over_http(model: &str) -> (usize, Vec<String>) {
                 let want_text: String = want_tokens.iter().map(|t| format!("{t} ")).collect();
                 let url = server.url("/v1/completions");
 
-                let whole: Value = client
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let whole: Value = answer_of(client, &url, &body).await;
                 let choice = &whole["choices"][0];
                 let streamed = client
                     .post(&url)
@@ -297,31 +295,23 @@ async fn golden_cases_over_http(model: &str) -> (usize, Vec<String>) {
         .filter_map(|failure| async { failure })
         .collect()
         .await;
-    (robust.len(), failures)
+    assert_eq!(robust.len(), robust_cases);
+    let count = failures.len();
+    assert!(
+        failures.is_empty(),
+        "{count} failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llada_golden_cases_over_http() {
-    let (run, failures) = golden_cases_over_http("llada_tiny_s1").await;
-    assert_eq!(run, 153);
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    check_golden_cases_over_http("llada_tiny_s1", 153).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dream_golden_cases_over_http() {
-    let (run, failures) = golden_cases_over_http("dream_tiny_s1").await;
-    assert_eq!(run, 72);
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    check_golden_cases_over_http("dream_tiny_s1", 72).await;
 }
 
 /// What `dllm generate --json` answers.
@@ -353,15 +343,7 @@ async fn chat_and_text_prompts_answer_as_the_command_line() {
     for prompt in prompts {
         let chat = json!({ "messages": [{ "role": "user", "content": prompt }] });
         let url = server.url("/v1/chat/completions");
-        let answer: Value = client
-            .post(&url)
-            .json(&chat)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value = answer_of(&client, &url, &chat).await;
         let want = cli_text(&["--prompt", prompt, "--chat"]);
         assert_eq!(
             answer["choices"][0]["message"]["content"],
@@ -381,15 +363,7 @@ async fn chat_and_text_prompts_answer_as_the_command_line() {
 
         let completion = json!({ "prompt": prompt, "echo": true });
         let url = server.url("/v1/completions");
-        let answer: Value = client
-            .post(&url)
-            .json(&completion)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value = answer_of(&client, &url, &completion).await;
         let want = cli_text(&["--prompt", prompt]);
         assert_eq!(
             answer["choices"][0]["text"],
@@ -414,15 +388,7 @@ async fn stop_sequences_end_the_text_whole_and_streamed() {
     let url = server.url("/v1/completions");
     // 4821 + 937: the model writes 00000005758.
     let body = json!({ "prompt": "add 0000004821+0000000937=", "stop": ["57"] });
-    let answer: Value = client
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = answer_of(&client, &url, &body).await;
     assert_eq!(answer["choices"][0]["text"], "0000000");
     assert_eq!(answer["choices"][0]["finish_reason"], "stop");
     let streamed = client
@@ -465,15 +431,7 @@ async fn stream_steps_show_the_block_filling_in() {
     assert_eq!(masked, (1..=31).rev().collect::<Vec<u64>>());
     assert!(steps[0]["text"].as_str().unwrap().contains("<|mask|>"));
     let whole = with(body, json!({ "stream": false, "stream_steps": false }));
-    let answer: Value = client
-        .post(server.url("/v1/completions"))
-        .json(&whole)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = answer_of(&client, server.url("/v1/completions"), &whole).await;
     assert_eq!(
         json!(reassemble(&events, false).text),
         answer["choices"][0]["text"]
@@ -512,176 +470,32 @@ async fn bad_requests_are_refused_naming_the_field() {
     let chat = server.url("/v1/chat/completions");
     let prompt = "add 0000004821+0000000937=";
     // (what, url, body, param named, words in the message)
+    #[rustfmt::skip]
     let bad_requests: Vec<(&str, &str, String, Option<&str>, &str)> = vec![
-        (
-            "malformed JSON",
-            &completions,
-            "{\"prompt\": \"add".into(),
-            None,
-            "not valid JSON",
-        ),
-        (
-            "not an object",
-            &completions,
-            "[1, 2]".into(),
-            None,
-            "JSON object",
-        ),
-        (
-            "wrong type",
-            &completions,
-            json!({ "prompt": prompt, "max_tokens": "ten" }).to_string(),
-            Some("max_tokens"),
-            "expected usize",
-        ),
-        (
-            "wrong type",
-            &completions,
-            json!({ "prompt": prompt, "stream": "yes" }).to_string(),
-            Some("stream"),
-            "expected a boolean",
-        ),
-        (
-            "wrong type",
-            &completions,
-            json!({ "prompt": prompt, "threshold": "high" }).to_string(),
-            Some("threshold"),
-            "expected f64",
-        ),
-        (
-            "unknown cache",
-            &completions,
-            json!({ "prompt": prompt, "cache": "quad" }).to_string(),
-            Some("cache"),
-            "unknown variant `quad`",
-        ),
-        (
-            "unknown alg",
-            &completions,
-            json!({ "prompt": prompt, "alg": "greedy" }).to_string(),
-            Some("alg"),
-            "unknown variant `greedy`",
-        ),
-        (
-            "alg on a LLaDA model",
-            &completions,
-            json!({ "prompt": prompt, "alg": "entropy" }).to_string(),
-            Some("alg"),
-            "LLaDA",
-        ),
-        (
-            "longer than the model",
-            &completions,
-            json!({ "prompt": prompt, "max_tokens": 1024 }).to_string(),
-            Some("max_tokens"),
-            "maximum sequence length 90",
-        ),
-        (
-            "not whole blocks",
-            &completions,
-            json!({ "prompt": prompt, "max_tokens": 48 }).to_string(),
-            Some("max_tokens"),
-            "not a multiple of block_length 32",
-        ),
-        (
-            "steps",
-            &completions,
-            json!({ "prompt": prompt, "max_tokens": 64, "steps": 3 }).to_string(),
-            Some("steps"),
-            "steps 3",
-        ),
-        (
-            "no length",
-            &completions,
-            json!({ "prompt": prompt, "max_tokens": 0 }).to_string(),
-            Some("max_tokens"),
-            "must be positive",
-        ),
-        (
-            "negative threshold",
-            &completions,
-            json!({ "prompt": prompt, "threshold": -1 }).to_string(),
-            Some("threshold"),
-            "positive number",
-        ),
-        (
-            "unknown field",
-            &completions,
-            json!({ "prompt": prompt, "temperature": 0.7 }).to_string(),
-            Some("temperature"),
-            "unknown field",
-        ),
-        (
-            "no prompt",
-            &completions,
-            json!({ "max_tokens": 64 }).to_string(),
-            Some("prompt"),
-            "required",
-        ),
-        (
-            "prompt of a wrong type",
-            &completions,
-            json!({ "prompt": 5 }).to_string(),
-            Some("prompt"),
-            "a string or a list of token ids",
-        ),
-        (
-            "negative token id",
-            &completions,
-            json!({ "prompt": [1, -1] }).to_string(),
-            Some("prompt"),
-            "a string or a list of token ids",
-        ),
-        (
-            "token id outside the vocabulary",
-            &completions,
-            json!({ "prompt": [1, 1000] }).to_string(),
-            Some("prompt"),
-            "outside the vocabulary",
-        ),
-        (
-            "empty prompt",
-            &completions,
-            json!({ "prompt": "" }).to_string(),
-            Some("prompt"),
-            "empty",
-        ),
-        (
-            "two choices",
-            &completions,
-            json!({ "prompt": prompt, "n": 2 }).to_string(),
-            Some("n"),
-            "one choice",
-        ),
-        (
-            "steps without a stream",
-            &completions,
-            json!({ "prompt": prompt, "stream_steps": true }).to_string(),
-            Some("stream_steps"),
-            "stream",
-        ),
-        (
-            "no messages",
-            &chat,
-            json!({ "max_tokens": 64 }).to_string(),
-            Some("messages"),
-            "non-empty",
-        ),
-        (
-            "a message without content",
-            &chat,
-            json!({ "messages": [{ "role": "user" }] }).to_string(),
-            Some("messages[0]"),
-            "content",
-        ),
-        (
-            "echo in chat",
-            &chat,
-            json!({ "messages": [{ "role": "user", "content": prompt }], "echo": true })
-                .to_string(),
-            Some("echo"),
-            "unknown field",
-        ),
+        ("malformed JSON", &completions, "{\"prompt\": \"add".into(), None, "not valid JSON"),
+        ("not an object", &completions, "[1, 2]".into(), None, "JSON object"),
+        ("wrong type", &completions, json!({ "prompt": prompt, "max_tokens": "ten" }).to_string(), Some("max_tokens"), "expected usize"),
+        ("wrong type", &completions, json!({ "prompt": prompt, "stream": "yes" }).to_string(), Some("stream"), "expected a boolean"),
+        ("wrong type", &completions, json!({ "prompt": prompt, "threshold": "high" }).to_string(), Some("threshold"), "expected f64"),
+        ("unknown cache", &completions, json!({ "prompt": prompt, "cache": "quad" }).to_string(), Some("cache"), "unknown variant `quad`"),
+        ("unknown alg", &completions, json!({ "prompt": prompt, "alg": "greedy" }).to_string(), Some("alg"), "unknown variant `greedy`"),
+        ("alg on a LLaDA model", &completions, json!({ "prompt": prompt, "alg": "entropy" }).to_string(), Some("alg"), "LLaDA"),
+        ("longer than the model", &completions, json!({ "prompt": prompt, "max_tokens": 1024 }).to_string(), Some("max_tokens"), "maximum sequence length 90"),
+        ("not whole blocks", &completions, json!({ "prompt": prompt, "max_tokens": 48 }).to_string(), Some("max_tokens"), "not a multiple of block_length 32"),
+        ("steps", &completions, json!({ "prompt": prompt, "max_tokens": 64, "steps": 3 }).to_string(), Some("steps"), "steps 3"),
+        ("no length", &completions, json!({ "prompt": prompt, "max_tokens": 0 }).to_string(), Some("max_tokens"), "must be positive"),
+        ("negative threshold", &completions, json!({ "prompt": prompt, "threshold": -1 }).to_string(), Some("threshold"), "positive number"),
+        ("unknown field", &completions, json!({ "prompt": prompt, "temperature": 0.7 }).to_string(), Some("temperature"), "unknown field"),
+        ("no prompt", &completions, json!({ "max_tokens": 64 }).to_string(), Some("prompt"), "required"),
+        ("prompt of a wrong type", &completions, json!({ "prompt": 5 }).to_string(), Some("prompt"), "a string or a list of token ids"),
+        ("negative token id", &completions, json!({ "prompt": [1, -1] }).to_string(), Some("prompt"), "a string or a list of token ids"),
+        ("token id outside the vocabulary", &completions, json!({ "prompt": [1, 1000] }).to_string(), Some("prompt"), "outside the vocabulary"),
+        ("empty prompt", &completions, json!({ "prompt": "" }).to_string(), Some("prompt"), "empty"),
+        ("two choices", &completions, json!({ "prompt": prompt, "n": 2 }).to_string(), Some("n"), "one choice"),
+        ("steps without a stream", &completions, json!({ "prompt": prompt, "stream_steps": true }).to_string(), Some("stream_steps"), "stream"),
+        ("no messages", &chat, json!({ "max_tokens": 64 }).to_string(), Some("messages"), "non-empty"),
+        ("a message without content", &chat, json!({ "messages": [{ "role": "user" }] }).to_string(), Some("messages[0]"), "content"),
+        ("echo in chat", &chat, json!({ "messages": [{ "role": "user", "content": prompt }], "echo": true }).to_string(), Some("echo"), "unknown field"),
     ];
     for (what, url, body, param, words) in bad_requests {
         let (status, error) = refused(&client, url, Some(key), body).await;
@@ -907,15 +721,7 @@ async fn load_64_clients_of_20_requests() {
     // Each prompt alone, one at a time: the answers to expect.
     let mut alone = Vec::new();
     for body in &bodies {
-        let answer: Value = client
-            .post(&url)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value = answer_of(&client, &url, body).await;
         alone.push(answer["choices"][0]["text"].as_str().unwrap().to_string());
     }
     // Every client sends its requests one after another; `rounds` of them.

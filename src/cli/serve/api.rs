@@ -128,6 +128,8 @@ fn job(
             "stream_steps needs stream: true",
         ));
     }
+    // A default length cut to fit the model is the model's limit; the note
+    // saying so is for a terminal.
     let (options, _) = decoding.options(&engine.model().config, prompt.len());
     Ok(Job {
         prompt,

@@ -58,8 +58,6 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let plain = |value: f64| vec![(String::new(), value)];
-        let count = |counter: &AtomicU64| plain(counter.load(Ordering::Relaxed) as f64);
 
         let responses: Vec<(String, f64)> = self
             .responses
@@ -95,67 +93,24 @@ impl Metrics {
             "Generations by how they ended (cancelled: the client went away).",
             &outcomes,
         );
-        metric(
-            "dllm_prompt_tokens_total",
-            "counter",
-            "Prompt tokens of generations.",
-            &count(&self.prompt_tokens),
-        );
-        metric(
-            "dllm_generated_tokens_total",
-            "counter",
-            "Generated tokens other than EOS.",
-            &count(&self.generated_tokens),
-        );
-        metric(
-            "dllm_nfe_total",
-            "counter",
-            "Forward passes of finished generations, counted per request.",
-            &count(&self.nfe),
-        );
-        metric(
-            "dllm_batch_forwards_total",
-            "counter",
-            "Batched forwards the engine ran.",
-            &plain(engine.forwards as f64),
-        );
-        metric(
-            "dllm_batch_forward_seconds_total",
-            "counter",
-            "Wall time of the batched forwards.",
-            &plain(engine.forward_time.as_secs_f64()),
-        );
-        metric("dllm_batch_sequences_total", "counter", "Sequences summed over batched forwards (divided by the forwards: the mean batch size).", &plain(engine.sequences as f64));
-        metric(
-            "dllm_batch_running",
-            "gauge",
-            "Requests in the running batch.",
-            &plain(engine.running as f64),
-        );
-        metric(
-            "dllm_queue_waiting",
-            "gauge",
-            "Requests waiting for a place in the batch.",
-            &plain(engine.waiting as f64),
-        );
-        metric(
-            "dllm_requests_in_flight",
-            "gauge",
-            "Requests accepted and not yet let go by the engine.",
-            &plain(in_flight as f64),
-        );
-        metric(
-            "dllm_cache_pages_in_use",
-            "gauge",
-            "Key/value cache pages held by requests.",
-            &plain(engine.pages_in_use as f64),
-        );
-        metric(
-            "dllm_cache_pages",
-            "gauge",
-            "Key/value cache pages in all.",
-            &plain(engine.pages as f64),
-        );
+        let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64;
+        #[rustfmt::skip]
+        let single: [(&str, &str, &str, f64); 11] = [
+            ("dllm_prompt_tokens_total", "counter", "Prompt tokens of generations.", count(&self.prompt_tokens)),
+            ("dllm_generated_tokens_total", "counter", "Generated tokens other than EOS.", count(&self.generated_tokens)),
+            ("dllm_nfe_total", "counter", "Forward passes of finished generations, counted per request.", count(&self.nfe)),
+            ("dllm_batch_forwards_total", "counter", "Batched forwards the engine ran.", engine.forwards as f64),
+            ("dllm_batch_forward_seconds_total", "counter", "Wall time of the batched forwards.", engine.forward_time.as_secs_f64()),
+            ("dllm_batch_sequences_total", "counter", "Sequences summed over batched forwards (over the forwards: the mean batch size).", engine.sequences as f64),
+            ("dllm_batch_running", "gauge", "Requests in the running batch.", engine.running as f64),
+            ("dllm_queue_waiting", "gauge", "Requests waiting for a place in the batch.", engine.waiting as f64),
+            ("dllm_requests_in_flight", "gauge", "Requests accepted and not yet let go by the engine.", in_flight as f64),
+            ("dllm_cache_pages_in_use", "gauge", "Key/value cache pages held by requests.", engine.pages_in_use as f64),
+            ("dllm_cache_pages", "gauge", "Key/value cache pages in all.", engine.pages as f64),
+        ];
+        for (name, kind, help, value) in single {
+            metric(name, kind, help, &[(String::new(), value)]);
+        }
         out
     }
 }
