@@ -68,6 +68,8 @@
 //!                         println!("{question} done in {} forward passes", result?.nfe);
 //!                         return Ok(());
 //!                     }
+//!                     // Only requests submitted with `submit_watching_steps` see these.
+//!                     Event::Step { .. } => {}
 //!                 }
 //!             }
 //!         });

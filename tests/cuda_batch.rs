@@ -136,6 +136,7 @@ fn requests_decoded_together_are_decoded_as_alone() {
     let fifth = match second.next_event() {
         Event::Block { .. } => submit(4),
         Event::Done(result) => panic!("the second request ended before a block: {result:?}"),
+        Event::Step { .. } => unreachable!("only a request that watches steps hears them"),
     };
     let results = [
         first,

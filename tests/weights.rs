@@ -8,9 +8,9 @@ mod common;
 use std::path::Path;
 
 use common::{cases, golden_dir, ids, options_for, prompts, read_npy};
+use dllm::backend::SINGLE_PAGE;
 use dllm::convert::{self, WeightFormat};
 use dllm::quant::Quantization;
-use dllm::backend::SINGLE_PAGE;
 use dllm::{Backend, Device, Engine, ForwardPass, Model};
 use serde_json::Value;
 
