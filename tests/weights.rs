@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{cases, golden_dir, ids, options_for, prompts, read_npy};
+use common::{cases, golden_dir, ids, options_for, prompts, read_npy, robust_cases};
 use dllm::backend::SINGLE_PAGE;
 use dllm::convert::{self, WeightFormat};
 use dllm::quant::Quantization;
@@ -20,16 +20,10 @@ const MODELS: [&str; 2] = ["llada_tiny_s1", "dream_tiny_s1"];
 /// others hold near-ties that a change in the last bits may flip).
 fn decode_all(model_name: &str, model: Model) -> Vec<(Vec<u32>, usize)> {
     let engine = Engine::new(model, Device::Cpu).unwrap();
-    let golden = cases(model_name);
-    let prompts = prompts(&golden);
-    golden["cases"]
-        .as_array()
-        .unwrap()
+    robust_cases(model_name)
         .iter()
-        .filter(|case| case.get("robust").and_then(Value::as_bool).unwrap_or(true))
         .map(|case| {
-            let prompt = &prompts[case["prompt"].as_u64().unwrap() as usize];
-            let out = engine.generate(prompt, &options_for(case)).unwrap();
+            let out = engine.generate(&case.prompt, &case.options).unwrap();
             (out.tokens, out.nfe)
         })
         .collect()
