@@ -57,7 +57,7 @@ pub mod tokenizer;
 
 pub use backend::{Backend, ForwardPass, TokenStats};
 pub use config::{Family, ModelConfig};
-pub use decode::{CacheMode, DecodeOptions, DreamAlg, ForwardTime, Generation};
+pub use decode::{CacheMode, DecodeOptions, DreamAlg, Editing, ForwardTime, Generation, Sampler};
 pub use engine::{Device, Engine};
 pub use error::{Error, Result};
 pub use model::Model;

@@ -1,5 +1,7 @@
 //! A model directory: config, memory-mapped weights, tokenizer and chat
-//! template, with the two families' tensor names mapped onto one layout.
+//! template, with each family's tensor names mapped onto one layout.
+
+mod llada2;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,12 +30,27 @@ pub struct LayerTensors<'a> {
     pub v: TensorView<'a>,
     /// q/k/v biases (Dream only).
     pub qkv_bias: Option<[TensorView<'a>; 3]>,
+    /// Per-head RMSNorm weights of q and k, `[head_dim]` each (LLaDA2).
+    pub qk_norm: Option<[TensorView<'a>; 2]>,
     pub o: TensorView<'a>,
     pub ffn_norm: TensorView<'a>,
-    /// The SiLU-gated projection.
+    /// The MLP every token goes through: the dense one, or in an MoE layer
+    /// the shared expert. `gate` is the SiLU-gated projection.
     pub gate: TensorView<'a>,
     pub up: TensorView<'a>,
     pub down: TensorView<'a>,
+    /// The routed experts of an MoE layer (LLaDA2).
+    pub routed: Option<RoutedExperts<'a>>,
+}
+
+/// The router and experts of one MoE layer.
+pub struct RoutedExperts<'a> {
+    /// `[experts, d_model]`.
+    pub router: TensorView<'a>,
+    /// `[experts]`, added to the router's scores for selection only.
+    pub expert_bias: TensorView<'a>,
+    /// Gate, up and down projection of each expert.
+    pub experts: Vec<[TensorView<'a>; 3]>,
 }
 
 pub struct ModelTensors<'a> {
@@ -96,6 +113,9 @@ impl Model {
         let ck = &self.checkpoint;
         let layers = (0..c.n_layers)
             .map(|i| {
+                if c.family == Family::Llada2 {
+                    return llada2::layer(ck, c, i);
+                }
                 let t = |part: Part| ck.tensor_shaped(&layout.name(i, part), &layout.shape(part));
                 Ok(LayerTensors {
                     attn_norm: t(Part::AttnNorm)?,
@@ -107,11 +127,13 @@ impl Model {
                     } else {
                         None
                     },
+                    qk_norm: None,
                     o: t(Part::O)?,
                     ffn_norm: t(Part::FfnNorm)?,
                     gate: t(Part::Gate)?,
                     up: t(Part::Up)?,
                     down: t(Part::Down)?,
+                    routed: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -135,6 +157,10 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         .into_iter()
         .map(|(name, shape)| (name.to_string(), shape))
         .collect();
+    if config.family == Family::Llada2 {
+        all.extend((0..config.n_layers).flat_map(|i| llada2::expected_layer(config, i)));
+        return all;
+    }
     for i in 0..config.n_layers {
         for part in Part::ALL {
             if config.qkv_bias || !part.is_bias() {
@@ -233,6 +259,7 @@ impl Layout<'_> {
                 };
                 format!("model.layers.{i}.{leaf}")
             }
+            Family::Llada2 => unreachable!("model::llada2 names LLaDA2's layers"),
         }
     }
 
@@ -247,6 +274,11 @@ impl Layout<'_> {
             ],
             Family::Dream => [
                 "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            ],
+            Family::Llada2 => [
+                "model.word_embeddings.weight",
                 "model.norm.weight",
                 "lm_head.weight",
             ],

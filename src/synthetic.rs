@@ -28,6 +28,9 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         rms_eps: 1e-5,
         max_seq_len: 4096,
         qkv_bias: false,
+        partial_rotary_dim: None,
+        qk_norm: false,
+        moe: None,
         mask_id: Some(32000),
         eos_id: Some(32001),
     };

@@ -3,7 +3,10 @@
 //! [`Rounding::Device`] it also rounds to bf16 where the CUDA backend does, so
 //! that the two differ only by arithmetic order (tests/cuda.rs).
 
+mod ffn;
 pub mod ops;
+
+pub use ffn::Routing;
 
 use crate::backend::{Backend, ForwardPass};
 use crate::checkpoint::TensorView;
@@ -12,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::progress::Progress;
 
+use ffn::{Mlp, RoutedExperts};
 use ops::{AttentionShape, Rope};
 
 struct Layer {
@@ -20,11 +24,12 @@ struct Layer {
     k: Vec<f32>,
     v: Vec<f32>,
     qkv_bias: Option<[Vec<f32>; 3]>,
+    qk_norm: Option<[Vec<f32>; 2]>,
     o: Vec<f32>,
     ffn_norm: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    down: Vec<f32>,
+    /// The dense MLP, or an MoE layer's shared expert.
+    mlp: Mlp,
+    routed: Option<RoutedExperts>,
 }
 
 /// Per-layer keys (rotated at their true positions) and values, `[slots, kv_dim]`.
@@ -71,6 +76,8 @@ pub struct CpuBackend {
     final_norm: Vec<f32>,
     head: Vec<f32>,
     cache: KvCache,
+    /// The last forward's routing, one entry per MoE layer.
+    routing: Vec<Routing>,
 }
 
 impl CpuBackend {
@@ -95,6 +102,12 @@ impl CpuBackend {
             rounding.round(&mut v);
             v
         };
+        let mlp = |[gate, up, down]: [&TensorView; 3]| Mlp {
+            hidden: gate.shape[0],
+            gate: matrix(gate),
+            up: matrix(up),
+            down: matrix(down),
+        };
         let layers = tensors
             .layers
             .iter()
@@ -107,11 +120,19 @@ impl CpuBackend {
                     .qkv_bias
                     .as_ref()
                     .map(|b| [load(&b[0]), load(&b[1]), load(&b[2])]),
+                qk_norm: l.qk_norm.as_ref().map(|[q, k]| [load(q), load(k)]),
                 o: matrix(&l.o),
                 ffn_norm: load(&l.ffn_norm),
-                gate: matrix(&l.gate),
-                up: matrix(&l.up),
-                down: matrix(&l.down),
+                mlp: mlp([&l.gate, &l.up, &l.down]),
+                routed: l.routed.as_ref().map(|r| RoutedExperts {
+                    config: config
+                        .moe
+                        .clone()
+                        .expect("routed experts come from an MoE config"),
+                    router: load(&r.router),
+                    expert_bias: load(&r.expert_bias),
+                    experts: r.experts.iter().map(|[g, u, d]| mlp([g, u, d])).collect(),
+                }),
             })
             .collect();
         let backend = CpuBackend {
@@ -124,6 +145,7 @@ impl CpuBackend {
                 keys: Vec::new(),
                 values: Vec::new(),
             },
+            routing: Vec::new(),
             config,
             rounding,
         };
@@ -131,12 +153,18 @@ impl CpuBackend {
         Ok(backend)
     }
 
+    /// The experts every MoE layer sent each query row of the last forward
+    /// to, one entry per MoE layer (empty for a model without experts).
+    pub fn last_routing(&self) -> &[Routing] {
+        &self.routing
+    }
+
     /// Runs the layers over `pass`, updating the cache, and returns the final
     /// hidden states of the requested rows.
     fn hidden_states(&mut self, pass: &ForwardPass) -> Result<Vec<f32>> {
         pass.validate(self.cache.slots)?;
         let c = &self.config;
-        let (n, d, kv_dim, f) = (pass.tokens.len(), c.d_model, c.kv_dim(), c.ffn_hidden);
+        let (n, d, kv_dim) = (pass.tokens.len(), c.d_model, c.kv_dim());
         let mut x = Vec::with_capacity(n * d);
         for &t in pass.tokens {
             let t = t as usize;
@@ -148,7 +176,7 @@ impl CpuBackend {
             }
             x.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
         }
-        let rope = Rope::new(pass.positions, c.head_dim, c.rope_theta);
+        let rope = Rope::new(pass.positions, c.head_dim, c.rotary_dim(), c.rope_theta);
         let shape = AttentionShape {
             heads: c.n_heads,
             kv_heads: c.n_kv_heads,
@@ -156,6 +184,7 @@ impl CpuBackend {
         };
         let written = pass.write_slot * kv_dim..(pass.write_slot + n) * kv_dim;
         let rounding = self.rounding;
+        self.routing.clear();
         for (layer, (keys, values)) in self
             .layers
             .iter()
@@ -171,6 +200,10 @@ impl CpuBackend {
                 ops::add_bias(&mut k, bk);
                 ops::add_bias(&mut v, bv);
             }
+            if let Some([q_norm, k_norm]) = &layer.qk_norm {
+                q = ops::rms_norm(&q, q_norm, c.rms_eps);
+                k = ops::rms_norm(&k, k_norm, c.rms_eps);
+            }
             rope.apply(&mut q, c.n_heads);
             rope.apply(&mut k, c.n_kv_heads);
             keys[written.clone()].copy_from_slice(&k);
@@ -183,11 +216,14 @@ impl CpuBackend {
 
             let mut h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps);
             rounding.round(&mut h);
-            let mut gate = ops::linear(&h, &layer.gate, n, d, f);
-            let up = ops::linear(&h, &layer.up, n, d, f);
-            ops::silu_gate(&mut gate, &up);
-            rounding.round(&mut gate);
-            ops::add_in_place(&mut x, &ops::linear(&gate, &layer.down, n, f, d));
+            let mut ffn = layer.mlp.forward(&h, d, rounding);
+            if let Some(routed) = &layer.routed {
+                // Routed plus shared expert, then the residual: the reference's order.
+                let routing = routed.route(&h, d);
+                ops::add_in_place(&mut ffn, &routed.forward(&h, d, &routing, rounding));
+                self.routing.push(routing);
+            }
+            ops::add_in_place(&mut x, &ffn);
         }
         Ok(x[pass.rows.start * d..pass.rows.end * d].to_vec())
     }

@@ -171,6 +171,11 @@ impl CudaBackend {
     /// Uploads the model's weights to `gpu`.
     pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
+        if config.family == crate::config::Family::Llada2 {
+            return Err(Error::Device(
+                "the CUDA backend does not run llada2_moe models yet (routed experts, QK-norm, partial RoPE): use --device cpu".into(),
+            ));
+        }
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
                 "head_dim {} has no attention kernel (32, 64 and 128 are built)",
