@@ -248,3 +248,31 @@ fn a_case_through_generate_and_the_library_agree_with_the_reference() {
         assert_eq!(json!(out.nfe), case["nfe"], "{}", case["args"]);
     }
 }
+
+#[test]
+fn bf16_checkpoint_holds_the_f32_weights_rounded() {
+    let f32_model = Model::open(&golden_dir(MODEL)).unwrap();
+    let bf16_model = Model::open(&golden_dir(MODEL).join("bf16")).unwrap();
+    let (want, got) = (f32_model.tensors().unwrap(), bf16_model.tensors().unwrap());
+    let rounded = |t: &dllm::checkpoint::TensorView| -> Vec<f32> {
+        t.to_bf16().iter().map(|v| v.to_f32()).collect()
+    };
+    let mut compared = 0;
+    for (w, g) in want.layers.iter().zip(&got.layers) {
+        // The fused QKV's split, the shared expert or dense MLP, and every
+        // routed expert.
+        let mut pairs = vec![(&w.q, &g.q), (&w.k, &g.k), (&w.v, &g.v), (&w.gate, &g.gate)];
+        if let (Some(wr), Some(gr)) = (&w.routed, &g.routed) {
+            pairs.push((&wr.router, &gr.router));
+            for (we, ge) in wr.experts.iter().zip(&gr.experts) {
+                pairs.extend(we.iter().zip(ge));
+            }
+        }
+        for (w, g) in pairs {
+            assert_eq!(g.dtype, dllm::checkpoint::Dtype::BF16, "{}", g.name);
+            assert_eq!(g.to_f32(), rounded(w), "{}", g.name);
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 4 * 4 + 3 * (1 + 8 * 3));
+}
