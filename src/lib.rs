@@ -56,7 +56,7 @@ pub mod synthetic;
 pub mod tokenizer;
 
 pub use backend::{Backend, ForwardPass, TokenStats};
-pub use config::{Family, ModelConfig};
+pub use config::{Family, ModelConfig, MoeConfig};
 pub use decode::{CacheMode, DecodeOptions, DreamAlg, Editing, ForwardTime, Generation, Sampler};
 pub use engine::{Device, Engine};
 pub use error::{Error, Result};

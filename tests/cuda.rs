@@ -265,7 +265,7 @@ fn kv_update_rotates_and_writes_only_its_slots() {
             k.extend_from_slice(&biased[q_dim..q_dim + kv_dim]);
             v.extend_from_slice(&biased[q_dim + kv_dim..]);
         }
-        let rope = Rope::new(&positions, heads.head_dim, theta);
+        let rope = Rope::new(&positions, heads.head_dim, heads.head_dim, theta);
         rope.apply(&mut q, heads.heads);
         rope.apply(&mut k, heads.kv_heads);
 
