@@ -35,6 +35,9 @@ const ATTENTION_THREADS: u32 = 128;
 const MIN_SPLIT_KEYS: usize = 4 * ATTENTION_KEYS;
 const CONFIDENCE_THREADS: u32 = 512;
 const ROW_THREADS: u32 = 256;
+/// Heads (q plus k) of a row QK-norm can handle (kernels/kv_update.cu
+/// `MAX_NORMED_HEADS`).
+const KV_UPDATE_NORMED_HEADS: usize = 256;
 
 /// The head layout of attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,14 @@ impl Heads {
     pub fn qkv_dim(&self) -> usize {
         self.q_dim() + 2 * self.kv_dim()
     }
+}
+
+/// LLaDA2's QK-norm: RMSNorm weights shared by every q head and every k
+/// head, `[head_dim]` each.
+pub struct QkNorm<'a> {
+    pub q: CudaView<'a, f32>,
+    pub k: CudaView<'a, f32>,
+    pub eps: f32,
 }
 
 /// What the confidence kernel writes per row (kernels/confidence.cu
@@ -241,14 +252,16 @@ impl Kernels {
         launch(args, "rms_norm", grid(rows, 1, 1, ROW_THREADS)?)
     }
 
-    /// Adds the bias, rotates q in place and k by RoPE at `positions`, and
-    /// writes k and v into cache slots `write_slot ..`.
+    /// Adds the bias, applies QK-norm, rotates q in place and k by RoPE at
+    /// `positions`, and writes k and v into cache slots `write_slot ..`.
+    /// RoPE turns the first `2 * inv_freq.len()` dims of each head.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_update(
         &self,
         stream: &CudaStream,
         qkv: &mut CudaViewMut<f32>,
         bias: Option<&CudaView<f32>>,
+        qk_norm: Option<&QkNorm>,
         positions: &CudaView<u32>,
         inv_freq: &CudaView<f32>,
         k_cache: &mut CudaViewMut<bf16>,
@@ -258,9 +271,26 @@ impl Kernels {
     ) -> Result<()> {
         let n = positions.len();
         extent("kv_update", "qkv", qkv.len(), n * heads.qkv_dim())?;
-        extent("kv_update", "inv_freq", inv_freq.len(), heads.head_dim / 2)?;
+        let rotary_dim = 2 * inv_freq.len();
+        if rotary_dim == 0 || rotary_dim > heads.head_dim {
+            return Err(Error::Device(format!(
+                "kv_update: {} RoPE frequencies for heads of {}",
+                inv_freq.len(),
+                heads.head_dim
+            )));
+        }
         if let Some(bias) = bias {
             extent("kv_update", "bias", bias.len(), heads.qkv_dim())?;
+        }
+        if let Some(norm) = qk_norm {
+            extent("kv_update", "q_norm", norm.q.len(), heads.head_dim)?;
+            extent("kv_update", "k_norm", norm.k.len(), heads.head_dim)?;
+            if heads.heads + heads.kv_heads > KV_UPDATE_NORMED_HEADS {
+                return Err(Error::Device(format!(
+                    "kv_update: QK-norm of {} heads, more than the {KV_UPDATE_NORMED_HEADS} the kernel holds",
+                    heads.heads + heads.kv_heads
+                )));
+            }
         }
         let needed = (write_slot + n) * heads.kv_dim();
         for (name, cache) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
@@ -272,20 +302,31 @@ impl Kernels {
             }
         }
         let null: u64 = 0;
-        let (slot, h, kvh, hd) = (
+        let (slot, h, kvh, hd, rd) = (
             int(write_slot)?,
             int(heads.heads)?,
             int(heads.kv_heads)?,
             int(heads.head_dim)?,
+            int(rotary_dim)?,
         );
+        let eps = qk_norm.map_or(0.0, |norm| norm.eps);
         let mut args = stream.launch_builder(&self.kv_update);
         args.arg(qkv);
         match bias {
             Some(bias) => args.arg(bias),
             None => args.arg(&null),
         };
+        match qk_norm {
+            Some(norm) => args.arg(&norm.q).arg(&norm.k),
+            None => args.arg(&null).arg(&null),
+        };
         args.arg(positions).arg(inv_freq).arg(k_cache).arg(v_cache);
-        args.arg(&slot).arg(&h).arg(&kvh).arg(&hd);
+        args.arg(&slot)
+            .arg(&h)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&rd)
+            .arg(&eps);
         launch(args, "kv_update", grid(n, 1, 1, ROW_THREADS)?)
     }
 
