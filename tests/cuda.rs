@@ -205,6 +205,51 @@ fn silu_gate_matches_the_reference() {
 }
 
 #[test]
+fn moe_router_chooses_the_experts_of_the_cpu_reference() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let mini = synthetic::preset("llada2-mini").unwrap().moe.unwrap();
+    let tiny = dllm::MoeConfig {
+        experts: 8,
+        experts_per_token: 2,
+        groups: 4,
+        groups_per_token: 2,
+        ..mini.clone()
+    };
+    let one = dllm::MoeConfig {
+        experts_per_token: 1,
+        ..tiny.clone()
+    };
+    for moe in [mini, tiny, one] {
+        let (n, k) = (50, moe.experts_per_token);
+        // Logits at the router's scale (1.5/sqrt(d) weights on unit inputs).
+        let logits = rng.values(n * moe.experts, 2.5);
+        let bias = rng.values(moe.experts, 0.2);
+        let (mut experts, mut weights) = (
+            upload(&gpu, &vec![u32::MAX; n * k]),
+            upload(&gpu, &vec![f32::NAN; n * k]),
+        );
+        gpu.kernels
+            .moe_router(
+                &gpu.stream,
+                &upload(&gpu, &logits).as_view(),
+                &upload(&gpu, &bias).as_view(),
+                &mut experts.as_view_mut(),
+                &mut weights.as_view_mut(),
+                &moe,
+            )
+            .unwrap();
+        let want = dllm::cpu::route(&logits, &bias, &moe);
+        // The kernel's arithmetic is the reference's, in the same order, so
+        // the choices are the same, in the same order. (The emulated device's
+        // expf is the host's; a GPU's may differ in the last bit, which can
+        // only flip a choice between two scores that close: a near-tie.)
+        assert_eq!(download(&gpu, &experts), want.experts, "{moe:?}");
+        let err = rel_err(&download(&gpu, &weights), &want.weights);
+        assert!(err < F32, "{moe:?}: weights relative error {err}");
+    }
+}
+
+#[test]
 fn kv_update_normalises_heads_and_rotates_their_leading_dims() {
     let (gpu, rng) = (gpu(), Rng::new());
     // LLaDA2-mini (64 of 128 dims rotate) and the golden tiny model (16 of 32).

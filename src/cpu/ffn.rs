@@ -46,31 +46,10 @@ pub struct Routing {
 }
 
 impl RoutedExperts {
-    /// Which experts each row of `h` (`[rows, d]`) goes to (LLADA2.md §3.3,
-    /// steps 1-5), all in f32.
+    /// Which experts each row of `h` (`[rows, d]`) goes to.
     pub fn route(&self, h: &[f32], d: usize) -> Routing {
-        let c = &self.config;
-        let n = h.len() / d;
-        let logits = ops::linear(h, &self.router, n, d, c.experts);
-        let mut routing = Routing::default();
-        for row in logits.chunks_exact(c.experts) {
-            let scores: Vec<f32> = row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-            let biased: Vec<f32> = scores
-                .iter()
-                .zip(&self.expert_bias)
-                .map(|(s, b)| s + b)
-                .collect();
-            let chosen = top_k_of_top_groups(&biased, c);
-            let mut weights: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
-            if chosen.len() > 1 {
-                let sum = weights.iter().sum::<f32>() + 1e-20;
-                weights.iter_mut().for_each(|w| *w /= sum);
-            }
-            weights.iter_mut().for_each(|w| *w *= c.routed_scaling);
-            routing.experts.extend(chosen.iter().map(|&e| e as u32));
-            routing.weights.extend(weights);
-        }
-        routing
+        let logits = ops::linear(h, &self.router, h.len() / d, d, self.config.experts);
+        route(&logits, &self.expert_bias, &self.config)
     }
 
     /// The routed part of the layer's output: each touched expert runs once
@@ -106,6 +85,26 @@ impl RoutedExperts {
         }
         out
     }
+}
+
+/// The experts and weights of each row of router `logits` (`[rows,
+/// experts]`) (LLADA2.md §3.3, steps 1-5), all in f32.
+pub fn route(logits: &[f32], expert_bias: &[f32], c: &MoeConfig) -> Routing {
+    let mut routing = Routing::default();
+    for row in logits.chunks_exact(c.experts) {
+        let scores: Vec<f32> = row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+        let biased: Vec<f32> = scores.iter().zip(expert_bias).map(|(s, b)| s + b).collect();
+        let chosen = top_k_of_top_groups(&biased, c);
+        let mut weights: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+        if chosen.len() > 1 {
+            let sum = weights.iter().sum::<f32>() + 1e-20;
+            weights.iter_mut().for_each(|w| *w /= sum);
+        }
+        weights.iter_mut().for_each(|w| *w *= c.routed_scaling);
+        routing.experts.extend(chosen.iter().map(|&e| e as u32));
+        routing.weights.extend(weights);
+    }
+    routing
 }
 
 /// The reference's group-limited top-k: groups are scored by the sum of their

@@ -6,7 +6,7 @@
 mod ffn;
 pub mod ops;
 
-pub use ffn::Routing;
+pub use ffn::{route, Routing};
 
 use crate::backend::{Backend, ForwardPass};
 use crate::checkpoint::TensorView;

@@ -16,6 +16,7 @@ use half::bf16;
 
 use super::{driver_error, no_kernels_error};
 use crate::backend::TokenStats;
+use crate::config::MoeConfig;
 use crate::error::{Error, Result};
 
 #[cfg(dllm_kernels)]
@@ -35,6 +36,10 @@ const ATTENTION_THREADS: u32 = 128;
 const MIN_SPLIT_KEYS: usize = 4 * ATTENTION_KEYS;
 const CONFIDENCE_THREADS: u32 = 512;
 const ROW_THREADS: u32 = 256;
+/// The router's limits (kernels/moe_router.cu).
+const ROUTER_MAX_EXPERTS: usize = 1024;
+const ROUTER_MAX_GROUPS: usize = 32;
+const ROUTER_MAX_TOP_K: usize = 32;
 /// Heads (q plus k) of a row QK-norm can handle (kernels/kv_update.cu
 /// `MAX_NORMED_HEADS`).
 const KV_UPDATE_NORMED_HEADS: usize = 256;
@@ -182,6 +187,7 @@ pub struct Kernels {
     attention_combine: CudaFunction,
     silu_gate: CudaFunction,
     confidence: CudaFunction,
+    moe_router: CudaFunction,
     /// Multiprocessor count, for sizing grids.
     pub sms: usize,
 }
@@ -211,6 +217,7 @@ impl Kernels {
             attention_combine: function(&attention, "attention_combine")?,
             silu_gate: function(&module("silu_gate")?, "silu_gate")?,
             confidence: function(&module("confidence")?, "confidence")?,
+            moe_router: function(&module("moe_router")?, "moe_router")?,
             sms: sms as usize,
         })
     }
@@ -328,6 +335,46 @@ impl Kernels {
             .arg(&rd)
             .arg(&eps);
         launch(args, "kv_update", grid(n, 1, 1, ROW_THREADS)?)
+    }
+
+    /// LLaDA2's router: from the router GEMM's `logits` (`[n, experts]`)
+    /// and the selection bias, each token's `experts` and their `weights`
+    /// (`[n, experts_per_token]`, by descending biased score).
+    pub fn moe_router(
+        &self,
+        stream: &CudaStream,
+        logits: &CudaView<f32>,
+        expert_bias: &CudaView<f32>,
+        experts: &mut CudaViewMut<u32>,
+        weights: &mut CudaViewMut<f32>,
+        moe: &MoeConfig,
+    ) -> Result<()> {
+        let (e, k) = (moe.experts, moe.experts_per_token);
+        if e > ROUTER_MAX_EXPERTS || moe.groups > ROUTER_MAX_GROUPS || k > ROUTER_MAX_TOP_K {
+            return Err(Error::Device(format!(
+                "moe_router: {e} experts in {} groups, top {k}: the kernel holds at most {ROUTER_MAX_EXPERTS} in {ROUTER_MAX_GROUPS}, top {ROUTER_MAX_TOP_K}",
+                moe.groups
+            )));
+        }
+        let n = logits.len() / e;
+        extent("moe_router", "logits", logits.len(), n * e)?;
+        extent("moe_router", "expert_bias", expert_bias.len(), e)?;
+        extent("moe_router", "experts", experts.len(), n * k)?;
+        extent("moe_router", "weights", weights.len(), n * k)?;
+        let (e, g, gk, k) = (
+            int(e)?,
+            int(moe.groups)?,
+            int(moe.groups_per_token)?,
+            int(k)?,
+        );
+        let mut args = stream.launch_builder(&self.moe_router);
+        args.arg(logits).arg(expert_bias).arg(experts).arg(weights);
+        args.arg(&e)
+            .arg(&g)
+            .arg(&gk)
+            .arg(&k)
+            .arg(&moe.routed_scaling);
+        launch(args, "moe_router", grid(n, 1, 1, 32)?)
     }
 
     /// Attention of the q rows of `qkv` over cache slots `0 .. attend_len`,
