@@ -403,6 +403,9 @@ fn llada2(fields: &Fields) -> Result<ModelConfig, ConfigError> {
             ));
         }
     }
+    let vocab_size = fields.usize("vocab_size")?;
+    // Only a vocabulary of the released size holds the reference's ids.
+    let reference_id = |id: u32| ((id as usize) < vocab_size).then_some(id);
     let moe = MoeConfig {
         first_dense_layers: fields.usize("first_k_dense_replace")?,
         experts: fields.usize("num_experts")?,
@@ -422,17 +425,26 @@ fn llada2(fields: &Fields) -> Result<ModelConfig, ConfigError> {
         head_dim,
         partial_rotary_dim: Some(rotary_dim),
         ffn_hidden: fields.usize("intermediate_size")?,
-        vocab_size: fields.usize("vocab_size")?,
+        vocab_size,
         rope_theta: fields.opt_f32("rope_theta")?.unwrap_or(10000.0),
         rms_eps: fields.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
         max_seq_len: fields.usize("max_position_embeddings")?,
         qkv_bias: false,
         qk_norm: fields.opt_bool("use_qk_norm")?.unwrap_or(true),
         moe: Some(moe),
-        mask_id: fields.opt_u32("mask_token_id")?,
-        eos_id: fields.opt_u32("eos_token_id")?,
+        mask_id: fields
+            .opt_u32("mask_token_id")?
+            .or(reference_id(LLADA2_MASK_ID)),
+        eos_id: fields
+            .opt_u32("eos_token_id")?
+            .or(reference_id(LLADA2_EOS_ID)),
     })
 }
+
+/// The ids the reference's `generate` defaults to (LLADA2.md §5): the
+/// released checkpoints' config.json does not name the mask token.
+const LLADA2_MASK_ID: u32 = 156895;
+const LLADA2_EOS_ID: u32 = 156892;
 
 fn head_dim(d_model: usize, n_heads: usize) -> Result<usize, ConfigError> {
     if n_heads == 0 || d_model % n_heads != 0 {

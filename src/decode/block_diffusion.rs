@@ -184,6 +184,9 @@ struct BlockCache<'a> {
     exact_until: usize,
     fills: ForwardTime,
     steps: ForwardTime,
+    started: Instant,
+    /// Until the end of the first step: the prompt's fills and that step.
+    prompt_time: Option<Duration>,
 }
 
 impl BlockCache<'_> {
@@ -209,6 +212,8 @@ impl BlockCache<'_> {
             .backend
             .token_stats(&block_pass(x, &self.positions, bs, be, be - bs))?;
         self.steps.add(began.elapsed());
+        self.prompt_time
+            .get_or_insert_with(|| self.started.elapsed());
         Ok(stats)
     }
 }
@@ -264,9 +269,9 @@ pub(super) fn generate(
         exact_until: 0,
         fills: ForwardTime::default(),
         steps: ForwardTime::default(),
+        started: Instant::now(),
+        prompt_time: None,
     };
-    let start = Instant::now();
-    let mut first_step: Option<Duration> = None;
     let mut emitted = 0;
     for block in prompt.len() / b..len / b {
         let (bs, be) = (block * b, block * b + b);
@@ -278,7 +283,6 @@ pub(super) fn generate(
             Sampler::Llada21(editing) => llada21_block(&plan, &mut cache, &mut x, bs, editing)?,
             Sampler::SemiAutoregressive => unreachable!("dispatched by decode::generate"),
         };
-        first_step.get_or_insert_with(|| start.elapsed());
         // The block's keys and values are exact already when its last
         // forward saw its final tokens.
         if last_forward.as_deref() == Some(&x[bs..be]) {
@@ -294,8 +298,8 @@ pub(super) fn generate(
             break;
         }
     }
-    let total = start.elapsed();
-    let prompt_time = first_step.unwrap_or_default();
+    let total = cache.started.elapsed();
+    let prompt_time = cache.prompt_time.unwrap_or_default();
     let tokens = plan.answer(&x).to_vec();
     Ok(Generation {
         non_eos_tokens: tokens.iter().filter(|&&t| t != plan.eos_id).count(),
