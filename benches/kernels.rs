@@ -160,6 +160,7 @@ fn kv_update(c: &mut Criterion, gpu: &Gpu) {
                             &gpu.stream,
                             &mut qkv.as_view_mut(),
                             None,
+                            None,
                             &positions.as_view(),
                             &inv_freq.as_view(),
                             &mut keys.as_view_mut(),

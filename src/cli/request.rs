@@ -5,11 +5,15 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use dllm::{CacheMode, DecodeOptions, DreamAlg, Engine, Generation, ModelConfig};
+use dllm::{CacheMode, DecodeOptions, DreamAlg, Editing, Engine, Generation, ModelConfig, Sampler};
 use serde_json::{json, Value};
 
 /// Tokens generated when `--gen-length` is not given and the model has room.
 const DEFAULT_GEN_LENGTH: usize = 256;
+/// The LLaDA2 samplers' threshold and LLaDA2.0's steps per block when not
+/// given: the reference's defaults.
+const LLADA2_THRESHOLD: f64 = 0.95;
+const LLADA2_STEPS: usize = 32;
 
 #[derive(Args)]
 pub struct RequestArgs {
@@ -67,6 +71,30 @@ pub struct RequestArgs {
     /// EOS token id [default: from config.json].
     #[arg(long)]
     eos_id: Option<u32>,
+    /// Block diffusion with a LLaDA2 sampler (llada2_moe models): LLaDA2.0's
+    /// threshold with a per-step quota (--steps per block [default: 32]), or
+    /// LLaDA2.1's threshold plus editing. --threshold defaults to 0.95.
+    #[arg(long, value_enum)]
+    sampler: Option<SamplerArg>,
+    /// LLaDA2.1: replace a committed token by a different prediction more
+    /// probable than this (1 turns editing off) [default: 0.9].
+    #[arg(long)]
+    editing_threshold: Option<f64>,
+    /// LLaDA2.1: most forwards of a block once its masks are gone [default: 16].
+    #[arg(long)]
+    max_post_steps: Option<usize>,
+    /// LLaDA2.1: least masks committed a step [default: 1].
+    #[arg(long)]
+    num_to_transfer: Option<usize>,
+    /// LLaDA2 samplers: stop as soon as EOS is decoded with no mask before it.
+    #[arg(long, requires = "sampler")]
+    eos_early_stop: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum SamplerArg {
+    Llada20,
+    Llada21,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,7 +142,7 @@ impl RequestArgs {
 
     /// The decoding options for a prompt of `prompt_len` tokens on a model
     /// of `config`.
-    pub fn options(&self, config: &ModelConfig, prompt_len: usize) -> DecodeOptions {
+    pub fn options(&self, config: &ModelConfig, prompt_len: usize) -> dllm::Result<DecodeOptions> {
         let alg = self.alg.map(|a| match a {
             AlgArg::MaskgitPlus => DreamAlg::MaskgitPlus,
             AlgArg::Entropy => DreamAlg::Entropy,
@@ -123,17 +151,25 @@ impl RequestArgs {
         });
         let wants_no_threshold =
             self.factor.is_some() || matches!(alg, Some(a) if a != DreamAlg::ConfidenceThreshold);
+        let sampler = self.sampler()?;
+        let block_diffusion = sampler != Sampler::SemiAutoregressive;
         let threshold = match self.threshold {
             Some(Threshold::At(t)) => Some(t),
             Some(Threshold::Off) => None,
+            None if block_diffusion => Some(LLADA2_THRESHOLD),
             None if wants_no_threshold => None,
             None => DecodeOptions::default().threshold,
         };
         let gen_length = self.gen_length(config.max_seq_len, prompt_len);
-        DecodeOptions {
+        let default_steps = if block_diffusion {
+            LLADA2_STEPS
+        } else {
+            gen_length
+        };
+        Ok(DecodeOptions {
             gen_length,
             block_length: self.block_length,
-            steps: self.steps.unwrap_or(gen_length),
+            steps: self.steps.unwrap_or(default_steps),
             cache: match self.cache {
                 CacheArg::None => CacheMode::None,
                 CacheArg::Prefix => CacheMode::Prefix,
@@ -148,7 +184,38 @@ impl RequestArgs {
             alg,
             mask_id: self.mask_id,
             eos_id: self.eos_id,
+            sampler,
+        })
+    }
+
+    /// `--sampler` with its own flags; LLaDA2.1's editing flags without it
+    /// are an error, not ignored.
+    fn sampler(&self) -> dllm::Result<Sampler> {
+        let editing_flags = [
+            ("--editing-threshold", self.editing_threshold.is_some()),
+            ("--max-post-steps", self.max_post_steps.is_some()),
+            ("--num-to-transfer", self.num_to_transfer.is_some()),
+        ];
+        if self.sampler != Some(SamplerArg::Llada21) {
+            if let Some((flag, _)) = editing_flags.iter().find(|(_, given)| *given) {
+                return Err(dllm::Error::InvalidRequest(format!(
+                    "{flag} belongs to the LLaDA2.1 sampler: add --sampler llada21"
+                )));
+            }
         }
+        let defaults = Editing::default();
+        Ok(match self.sampler {
+            None => Sampler::SemiAutoregressive,
+            Some(SamplerArg::Llada20) => Sampler::Llada20 {
+                eos_early_stop: self.eos_early_stop,
+            },
+            Some(SamplerArg::Llada21) => Sampler::Llada21(Editing {
+                editing_threshold: self.editing_threshold.unwrap_or(defaults.editing_threshold),
+                max_post_steps: self.max_post_steps.unwrap_or(defaults.max_post_steps),
+                num_to_transfer: self.num_to_transfer.unwrap_or(defaults.num_to_transfer),
+                eos_early_stop: self.eos_early_stop,
+            }),
+        })
     }
 
     /// `--gen-length` as given; without it the default, cut to the whole
@@ -205,6 +272,8 @@ pub fn report(
             "full_forward_ms": generation.full_forwards.mean_ms(),
             "cached_forwards": generation.cached_forwards.count,
             "cached_forward_ms": generation.cached_forwards.mean_ms(),
+            "cache_fill_forwards": generation.cache_fills.count,
+            "cache_fill_ms": generation.cache_fills.mean_ms(),
         },
     });
     if let Some(tokenizer) = &engine.model().tokenizer {

@@ -7,7 +7,7 @@
 //! x = embed[tokens]                                   embed.cu        f32 [n, d]
 //! per layer:
 //!   qkv  = rms_norm(x) · Wqkvᵀ                        rms_norm.cu + cuBLASLt
-//!   bias, RoPE(q), RoPE(k) → cache[write_slot..]      kv_update.cu
+//!   bias, QK-norm, RoPE(q), RoPE(k) → cache[write_slot..]   kv_update.cu
 //!   attn = softmax(q Kᵀ/√hd) V over cache[..attend]   attention.cu    bf16 [n, d]
 //!   x   += attn · Woᵀ                                 cuBLASLt, beta = 1
 //!   gu   = rms_norm(x) · Wgate|upᵀ                    rms_norm.cu + cuBLASLt
@@ -44,7 +44,9 @@ use buffers::{Buffers, Footprint, HEAD_ROWS};
 pub use driver::Driver;
 pub use gemm::Gemm;
 use graphs::{Graphs, Launch, Step};
-pub use kernels::{AttentionScratch, AttentionSplit, Heads, Kernels, RowStats, KERNELS_BUILT};
+pub use kernels::{
+    AttentionScratch, AttentionSplit, Heads, Kernels, QkNorm, RowStats, KERNELS_BUILT,
+};
 use weights::Weights;
 
 /// The oldest driver API that loads kernels built by nvcc 13.0.
@@ -172,6 +174,11 @@ impl CudaBackend {
     /// Uploads the model's weights to `gpu`.
     pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
+        if config.family == crate::config::Family::Llada2 {
+            return Err(Error::Device(
+                "the CUDA backend does not run llada2_moe models yet (routed experts, QK-norm, partial RoPE): use --device cpu".into(),
+            ));
+        }
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
                 "head_dim {} has no attention kernel (32, 64 and 128 are built)",
@@ -288,6 +295,7 @@ impl CudaBackend {
                 stream,
                 &mut b.qkv.slice_mut(..n * qkv_dim),
                 bias.as_ref(),
+                None,
                 &b.positions.slice(..n),
                 &weights.inv_freq.as_view(),
                 &mut b.keys[l].slice_mut(base..),

@@ -40,11 +40,29 @@ pub fn prompts(cases: &Value) -> Vec<Vec<u32>> {
 
 /// A little-endian float32 `.npy` file: (shape, data).
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let (shape, data) = read_npy_raw(path, "<f4");
+    (
+        shape,
+        data.iter().copied().map(f32::from_le_bytes).collect(),
+    )
+}
+
+/// A little-endian int32 `.npy` file: (shape, data).
+pub fn read_npy_i32(path: &Path) -> (Vec<usize>, Vec<i32>) {
+    let (shape, data) = read_npy_raw(path, "<i4");
+    (
+        shape,
+        data.iter().copied().map(i32::from_le_bytes).collect(),
+    )
+}
+
+/// The shape and 4-byte elements of a C-order `.npy` file of `descr`.
+fn read_npy_raw(path: &Path, descr: &str) -> (Vec<usize>, Vec<[u8; 4]>) {
     let bytes = std::fs::read(path).unwrap();
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f4'"), "{header}");
+    assert!(header.contains(&format!("'descr': '{descr}'")), "{header}");
     assert!(header.contains("'fortran_order': False"), "{header}");
     let shape_text = header
         .split("'shape': (")
@@ -58,9 +76,9 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().unwrap())
         .collect();
-    let data: Vec<f32> = bytes[10 + header_len..]
+    let data: Vec<[u8; 4]> = bytes[10 + header_len..]
         .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .map(|b| [b[0], b[1], b[2], b[3]])
         .collect();
     assert_eq!(data.len(), shape.iter().product::<usize>());
     (shape, data)
@@ -96,6 +114,7 @@ pub fn options_for(case: &Value) -> DecodeOptions {
             .map(|a| DreamAlg::parse(a).unwrap()),
         mask_id: None,
         eos_id: get("eos_id").map(|e| e as u32),
+        sampler: dllm::Sampler::SemiAutoregressive,
     }
 }
 
