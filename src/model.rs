@@ -66,13 +66,18 @@ pub struct ModelTensors<'a> {
 }
 
 impl ModelTensors<'_> {
-    /// Bytes of the matrices a forward pass reads whole: every projection
-    /// and the head (the embedding is only gathered).
+    /// Bytes of the matrices a forward pass reads whole: every projection,
+    /// an MoE layer's router, and the head (the embedding is only gathered,
+    /// a routed expert read only when a token is sent to it).
     pub fn streamed_bytes(&self) -> u64 {
         let layers: u64 = self
             .layers
             .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .flat_map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .chain(l.routed.as_ref().map(|r| &r.router))
+            })
             .map(MatrixView::stored_bytes)
             .sum();
         layers + self.head.stored_bytes()

@@ -8,10 +8,10 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{cases, golden_dir, ids, prompts, read_npy, read_npy_i32};
+use common::{cases, golden_dir, ids, options_for, prompts, read_npy, read_npy_i32};
 use dllm::backend::SINGLE_PAGE;
 use dllm::cpu::CpuBackend;
-use dllm::{Backend, Device, Editing, Engine, ForwardPass, Model, Sampler};
+use dllm::{Backend, Device, Engine, ForwardPass, Model};
 use serde_json::{json, Value};
 
 const MODEL: &str = "llada2_tiny_s1";
@@ -226,25 +226,7 @@ fn a_case_through_generate_and_the_library_agree_with_the_reference() {
         assert_eq!(got["tokens"], case["tokens"], "{}", case["args"]);
         assert_eq!(got["nfe"], case["nfe"], "{}", case["args"]);
 
-        let args = &case["args"];
-        let get = |k: &str| args.get(k).and_then(Value::as_f64);
-        let eos_early_stop = args.get("eos_early_stop") == Some(&json!(true));
-        let sampler = match case["strategy"].as_str().unwrap() {
-            "llada20" => Sampler::Llada20 { eos_early_stop },
-            _ => Sampler::Llada21(Editing {
-                editing_threshold: get("editing_threshold").unwrap(),
-                eos_early_stop,
-                ..Editing::default()
-            }),
-        };
-        let options = dllm::DecodeOptions {
-            gen_length: 64,
-            block_length: get("block_length").unwrap() as usize,
-            steps: get("steps").unwrap_or(32.0) as usize,
-            threshold: get("threshold"),
-            sampler,
-            ..dllm::DecodeOptions::default()
-        };
+        let options = options_for(case);
         let out = engine.generate(prompt, &options).unwrap();
         assert_eq!(json!(out.tokens), case["tokens"], "{}", case["args"]);
         assert_eq!(json!(out.nfe), case["nfe"], "{}", case["args"]);
@@ -277,4 +259,45 @@ fn bf16_checkpoint_holds_the_f32_weights_rounded() {
         }
     }
     assert_eq!(compared, 4 * 4 + 3 * (1 + 8 * 3));
+}
+
+#[test]
+fn int8_checkpoint_splits_the_fused_qkv_with_its_scales_and_decodes() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("llada2_int8");
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(env!("CARGO_BIN_EXE_dllm"))
+        .args(["quantize", "--bits", "8", "--model"])
+        .arg(golden_dir(MODEL))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let f32_model = Model::open(&golden_dir(MODEL)).unwrap();
+    let int8_model = Model::open(&out).unwrap();
+    let (want, got) = (f32_model.tensors().unwrap(), int8_model.tensors().unwrap());
+    // Each row of q, k and v (runs of the fused matrix's rows), the router
+    // and an expert is within half its own scale of the f32 row: the split
+    // took each row's scale with it.
+    for (w, g) in want.layers.iter().zip(&got.layers) {
+        let mut pairs = vec![(&w.q, &g.q), (&w.k, &g.k), (&w.v, &g.v), (&w.down, &g.down)];
+        if let (Some(wr), Some(gr)) = (&w.routed, &g.routed) {
+            pairs.push((&wr.router, &gr.router));
+            pairs.extend(wr.experts[0].iter().zip(&gr.experts[0]));
+        }
+        for (w, g) in pairs {
+            assert!(g.scales.is_some(), "{} is not quantized", g.name);
+            for (wr, gr) in w.to_f32().chunks(w.cols).zip(g.to_f32().chunks(g.cols)) {
+                let scale = wr.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                let worst = wr.iter().zip(gr).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(worst <= scale * 0.501, "{}: off by {worst}, scale {scale}", g.name);
+            }
+        }
+    }
+    let engine = Engine::new(int8_model, Device::Cpu).unwrap();
+    let (prompts, robust) = robust_cases();
+    let case = &robust[0];
+    let prompt = &prompts[case["prompt"].as_u64().unwrap() as usize];
+    let generated = engine.generate(prompt, &options_for(case)).unwrap();
+    assert!(!generated.tokens.is_empty());
 }

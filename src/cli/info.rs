@@ -63,7 +63,7 @@ pub fn run(arg: &ModelArg) -> anyhow::Result<()> {
     let tensors = model.tensors()?;
     let streamed = tensors.streamed_bytes();
     println!(
-        "weights        {} ({} read whole by every forward: projections and head)",
+        "weights        {} ({} read whole by every forward: projections, routers and head)",
         match model.quantization {
             Some(q) => format!("quantized, {}", q.name()),
             None => "float".into(),

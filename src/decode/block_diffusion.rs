@@ -206,9 +206,7 @@ pub(super) struct BlockDiffusion {
     plan: Plan,
     /// The canvas: prompt, then masks where nothing is committed yet.
     x: Vec<u32>,
-    /// Slot `i` holds position `i`.
-    positions: Vec<u32>,
-    /// The current block's start.
+    /// The current block's start. Slot `i` of the cache holds position `i`.
     bs: usize,
     exact_until: usize,
     /// LLaDA2.0: the current block's step, indexing the quota.
@@ -247,7 +245,6 @@ impl BlockDiffusion {
             bs: prompt.len() / b * b,
             plan,
             x,
-            positions: (0..len as u32).collect(),
             exact_until: 0,
             step: 0,
             post_steps: 0,
@@ -294,7 +291,7 @@ impl BlockDiffusion {
         self.pending = Some(pending);
         Ok(PassPlan {
             tokens: self.x[start..start + b].to_vec(),
-            positions: self.positions[start..start + b].to_vec(),
+            positions: (start as u32..(start + b) as u32).collect(),
             write_slot: start,
             attend_len: start + b,
             rows: 0..rows,

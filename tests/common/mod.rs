@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dllm::{CacheMode, DecodeOptions, DreamAlg};
+use dllm::{CacheMode, DecodeOptions, DreamAlg, Editing, Sampler};
 use serde_json::Value;
 
 pub fn golden_dir(model: &str) -> PathBuf {
@@ -89,6 +89,9 @@ pub fn options_for(case: &Value) -> DecodeOptions {
     let strategy = case["strategy"].as_str().unwrap();
     let args = &case["args"];
     let get = |k: &str| args.get(k).and_then(Value::as_f64);
+    if strategy.starts_with("llada2") {
+        return llada2_options(strategy, args);
+    }
     let gen_length = get("gen_length").unwrap() as usize;
     let cache = match strategy {
         "baseline" | "baseline_threshold" | "baseline_factor" | "dream_baseline" => CacheMode::None,
@@ -118,6 +121,35 @@ pub fn options_for(case: &Value) -> DecodeOptions {
     }
 }
 
+/// The options of an LLaDA2 golden case: 64 tokens, and the reference's
+/// defaults for what the case does not set.
+fn llada2_options(strategy: &str, args: &Value) -> DecodeOptions {
+    let get = |k: &str| args.get(k).and_then(Value::as_f64);
+    let eos_early_stop = args.get("eos_early_stop") == Some(&Value::Bool(true));
+    let sampler = match strategy {
+        "llada20" => Sampler::Llada20 { eos_early_stop },
+        "llada21" => {
+            let default = Editing::default();
+            Sampler::Llada21(Editing {
+                editing_threshold: get("editing_threshold").unwrap_or(default.editing_threshold),
+                max_post_steps: get("max_post_steps").map_or(default.max_post_steps, |m| m as usize),
+                num_to_transfer: get("num_to_transfer")
+                    .map_or(default.num_to_transfer, |n| n as usize),
+                eos_early_stop,
+            })
+        }
+        other => panic!("unknown golden strategy {other}"),
+    };
+    DecodeOptions {
+        gen_length: 64,
+        block_length: get("block_length").unwrap() as usize,
+        steps: get("steps").unwrap_or(32.0) as usize,
+        threshold: get("threshold"),
+        sampler,
+        ..DecodeOptions::default()
+    }
+}
+
 /// A robust golden case, ready to run.
 pub struct Case {
     pub label: String,
@@ -137,6 +169,8 @@ pub fn robust_cases(model: &str) -> Vec<Case> {
         .unwrap()
         .iter()
         .filter(|case| case.get("robust").and_then(Value::as_bool).unwrap_or(true))
+        // Q1: we implement LLaDA2.1 with true block attention, not the soft mask.
+        .filter(|case| case["strategy"] != "llada21_softmask")
         .map(|case| Case {
             label: format!(
                 "{} {} prompt {}",
