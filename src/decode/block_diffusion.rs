@@ -513,6 +513,88 @@ fn threshold_or_floor(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::synthetic;
+
+    /// A model that predicts `token` with probability 0.99 everywhere.
+    struct Predicts(u32);
+
+    impl Backend for Predicts {
+        fn device_name(&self) -> String {
+            "constant".into()
+        }
+
+        fn prepare(&mut self, _slots: usize) -> Result<()> {
+            Ok(())
+        }
+
+        fn logits(&mut self, _pass: &ForwardPass) -> Result<Vec<f32>> {
+            Ok(Vec::new())
+        }
+
+        fn token_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
+            let row = TokenStats {
+                token: self.0,
+                prob: 0.99,
+                neg_entropy: 0.0,
+                margin: 0.0,
+            };
+            Ok(vec![row; pass.rows.len()])
+        }
+    }
+
+    fn run(predicted: u32, sampler: Sampler) -> Result<Generation> {
+        let config = synthetic::preset("llada2-mini").unwrap();
+        let options = DecodeOptions {
+            gen_length: 16,
+            block_length: 8,
+            steps: 4,
+            threshold: Some(0.9),
+            sampler,
+            ..DecodeOptions::default()
+        };
+        generate(
+            &mut Predicts(predicted),
+            &config,
+            &[1, 2, 3],
+            &options,
+            &mut |_| {},
+        )
+    }
+
+    #[test]
+    fn a_model_predicting_its_mask_stops_llada21_with_an_error() {
+        let mask = synthetic::preset("llada2-mini").unwrap().mask_id.unwrap();
+        let err = run(mask, Sampler::Llada21(Editing::default())).unwrap_err();
+        assert!(
+            err.to_string().contains("made no progress in block 0"),
+            "{err}"
+        );
+        // LLaDA2.0 ends each block after its steps, masks left, as the
+        // reference: 3 + 16 positions fill 3 blocks of 8, 4 steps each.
+        let out = run(
+            mask,
+            Sampler::Llada20 {
+                eos_early_stop: false,
+            },
+        )
+        .unwrap();
+        assert_eq!((out.tokens, out.nfe), (vec![mask; 16], 12));
+    }
+
+    #[test]
+    fn tokens_end_at_the_first_eos() {
+        let eos = synthetic::preset("llada2-mini").unwrap().eos_id.unwrap();
+        // Every mask of the first block is committed as EOS at its first step;
+        // LLaDA2.0 stops after that block.
+        let out = run(
+            eos,
+            Sampler::Llada20 {
+                eos_early_stop: false,
+            },
+        )
+        .unwrap();
+        assert_eq!((out.tokens, out.nfe), (vec![eos], 1));
+    }
 
     fn stats(probs: &[f64]) -> Vec<TokenStats> {
         probs
