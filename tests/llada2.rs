@@ -289,8 +289,16 @@ fn int8_checkpoint_splits_the_fused_qkv_with_its_scales_and_decodes() {
             assert!(g.scales.is_some(), "{} is not quantized", g.name);
             for (wr, gr) in w.to_f32().chunks(w.cols).zip(g.to_f32().chunks(g.cols)) {
                 let scale = wr.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
-                let worst = wr.iter().zip(gr).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                assert!(worst <= scale * 0.501, "{}: off by {worst}, scale {scale}", g.name);
+                let worst = wr
+                    .iter()
+                    .zip(gr)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst <= scale * 0.501,
+                    "{}: off by {worst}, scale {scale}",
+                    g.name
+                );
             }
         }
     }

@@ -515,33 +515,8 @@ mod tests {
     use super::*;
     use crate::synthetic;
 
-    /// A model that predicts `token` with probability 0.99 everywhere.
-    struct Predicts(u32);
-
-    impl Backend for Predicts {
-        fn device_name(&self) -> String {
-            "constant".into()
-        }
-
-        fn prepare(&mut self, _slots: usize) -> Result<()> {
-            Ok(())
-        }
-
-        fn logits(&mut self, _pass: &ForwardPass) -> Result<Vec<f32>> {
-            Ok(Vec::new())
-        }
-
-        fn token_stats(&mut self, pass: &ForwardPass) -> Result<Vec<TokenStats>> {
-            let row = TokenStats {
-                token: self.0,
-                prob: 0.99,
-                neg_entropy: 0.0,
-                margin: 0.0,
-            };
-            Ok(vec![row; pass.rows.len()])
-        }
-    }
-
+    /// Decodes as if the model predicted `predicted` with probability 0.99
+    /// everywhere: the state machine alone, without a backend.
     fn run(predicted: u32, sampler: Sampler) -> Result<Generation> {
         let config = synthetic::preset("llada2-mini").unwrap();
         let options = DecodeOptions {
@@ -552,13 +527,40 @@ mod tests {
             sampler,
             ..DecodeOptions::default()
         };
-        generate(
-            &mut Predicts(predicted),
-            &config,
-            &[1, 2, 3],
-            &options,
-            &mut |_| {},
-        )
+        let mut sequence = BlockDiffusion::new(&config, &[1, 2, 3], &options)?;
+        while !sequence.is_finished() {
+            let pass = sequence.next_pass()?;
+            let row = TokenStats {
+                token: predicted,
+                prob: 0.99,
+                neg_entropy: 0.0,
+                margin: 0.0,
+            };
+            sequence.advance(&vec![row; pass.rows.len()], Duration::ZERO)?;
+        }
+        Ok(sequence.into_generation())
+    }
+
+    #[test]
+    fn the_prompts_complete_blocks_are_filled_before_the_first_step() {
+        let config = synthetic::preset("llada2-mini").unwrap();
+        let options = DecodeOptions {
+            gen_length: 16,
+            block_length: 8,
+            sampler: Sampler::Llada21(Editing::default()),
+            ..DecodeOptions::default()
+        };
+        let prompt: Vec<u32> = (1..=19).collect();
+        let mut sequence = BlockDiffusion::new(&config, &prompt, &options).unwrap();
+        // Two fills ask for no rows, then the block holding the prompt's end.
+        for (start, rows) in [(0, 0..0), (8, 0..0), (16, 0..8)] {
+            let pass = sequence.next_pass().unwrap();
+            assert_eq!((pass.write_slot, pass.attend_len), (start, start + 8));
+            assert_eq!(pass.rows, rows);
+            if rows.is_empty() {
+                sequence.advance(&[], Duration::ZERO).unwrap();
+            }
+        }
     }
 
     #[test]

@@ -132,7 +132,8 @@ fn llada2_options(strategy: &str, args: &Value) -> DecodeOptions {
             let default = Editing::default();
             Sampler::Llada21(Editing {
                 editing_threshold: get("editing_threshold").unwrap_or(default.editing_threshold),
-                max_post_steps: get("max_post_steps").map_or(default.max_post_steps, |m| m as usize),
+                max_post_steps: get("max_post_steps")
+                    .map_or(default.max_post_steps, |m| m as usize),
                 num_to_transfer: get("num_to_transfer")
                     .map_or(default.num_to_transfer, |n| n as usize),
                 eos_early_stop,
