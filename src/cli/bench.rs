@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "model")]
     synthetic: Option<String>,
     /// Keep only the synthetic preset's first N layers (the real LLaDA2-mini
-    /// needs 64 GB as f32 on the CPU; per-layer figures are unchanged).
+    /// needs 33 GB in bf16; per-layer figures are unchanged).
     #[arg(long, requires = "synthetic")]
     layers: Option<usize>,
     /// Prompt length in tokens (a seeded random prompt).

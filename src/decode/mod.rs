@@ -1,10 +1,11 @@
-//! The decode loop: one loop for every strategy, steered by a plan.
+//! Decoding, steered by a plan.
 //!
 //! A request's [`DecodeOptions`] are checked once against the model and
 //! turned into a plan: which positions each block sees, which forward each
 //! step runs (full, prefix-cached or DualCache), how confidences are scored
-//! and which [`Rule`] commits tokens. The loop itself knows nothing about
-//! strategy names.
+//! and which [`Rule`] commits tokens. A [`Sequence`] steps the plan one
+//! forward at a time, knowing nothing about strategy names; LLaDA2's block
+//! diffusion (`block_diffusion`) is the other state a sequence can be in.
 
 mod block_diffusion;
 mod layout;
