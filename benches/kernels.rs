@@ -174,6 +174,7 @@ fn kv_update(c: &mut Criterion, gpu: &Gpu) {
                             &gpu.stream,
                             &mut qkv.as_view_mut(),
                             None,
+                            None,
                             &positions.as_view(),
                             &written.as_view(),
                             &inv_freq.as_view(),

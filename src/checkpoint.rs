@@ -98,11 +98,11 @@ impl std::ops::Deref for Storage {
     }
 }
 
-/// A borrowed tensor of a checkpoint.
+/// A borrowed tensor of a checkpoint, or a run of its rows.
 pub struct TensorView<'a> {
     pub name: &'a str,
     pub dtype: Dtype,
-    pub shape: &'a [usize],
+    pub shape: Vec<usize>,
     pub bytes: &'a [u8],
     storage: &'a Arc<Storage>,
 }
@@ -252,7 +252,7 @@ impl Checkpoint {
         Ok(TensorView {
             name,
             dtype: entry.dtype,
-            shape: &entry.shape,
+            shape: entry.shape.clone(),
             bytes: &storage[entry.bytes.clone()],
             storage,
         })
@@ -308,7 +308,21 @@ impl Checkpoint {
     }
 }
 
-impl TensorView<'_> {
+impl<'a> TensorView<'a> {
+    /// Rows `rows` of a matrix: a fused projection's parts are runs of rows.
+    pub fn rows(&self, rows: Range<usize>) -> TensorView<'a> {
+        let row_bytes = self.shape[1..].iter().product::<usize>() * self.dtype.size();
+        let mut shape = self.shape.clone();
+        shape[0] = rows.len();
+        TensorView {
+            name: self.name,
+            dtype: self.dtype,
+            shape,
+            bytes: &self.bytes[rows.start * row_bytes..rows.end * row_bytes],
+            storage: self.storage,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }

@@ -21,7 +21,7 @@ pub enum Error {
     },
     #[error("invalid model config {path}: {message}")]
     Config { path: PathBuf, message: String },
-    #[error("unknown model_type {0:?}: supported are \"llada\" (LLaDA-8B, LLaDA-1.5) and \"Dream\" (Dream-7B)")]
+    #[error("unknown model_type {0:?}: supported are \"llada\" (LLaDA-8B, LLaDA-1.5), \"Dream\" (Dream-7B) and \"llada2_moe\" (LLaDA2.0, LLaDA2.1)")]
     UnknownArchitecture(String),
     #[error("invalid safetensors file {path}: {message}")]
     Safetensors { path: PathBuf, message: String },

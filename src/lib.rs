@@ -113,8 +113,8 @@ pub mod synthetic;
 pub mod tokenizer;
 
 pub use backend::{Backend, ForwardPass, TokenStats};
-pub use config::{Family, ModelConfig};
-pub use decode::{CacheMode, DecodeOptions, DreamAlg, ForwardTime, Generation};
+pub use config::{Family, ModelConfig, MoeConfig};
+pub use decode::{CacheMode, DecodeOptions, DreamAlg, Editing, ForwardTime, Generation, Sampler};
 pub use engine::{BackendFactory, BatchStats, Device, Engine, EngineOptions, Event, RequestHandle};
 pub use error::{Error, Result};
 pub use model::Model;

@@ -1,5 +1,7 @@
 //! A model directory: config, memory-mapped weights, tokenizer and chat
-//! template, with the two families' tensor names mapped onto one layout.
+//! template, with each family's tensor names mapped onto one layout.
+
+mod llada2;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,12 +34,27 @@ pub struct LayerTensors<'a> {
     pub v: MatrixView<'a>,
     /// q/k/v biases (Dream only).
     pub qkv_bias: Option<[TensorView<'a>; 3]>,
+    /// Per-head RMSNorm weights of q and k, `[head_dim]` each (LLaDA2).
+    pub qk_norm: Option<[TensorView<'a>; 2]>,
     pub o: MatrixView<'a>,
     pub ffn_norm: TensorView<'a>,
-    /// The SiLU-gated projection.
+    /// The MLP every token goes through: the dense one, or in an MoE layer
+    /// the shared expert. `gate` is the SiLU-gated projection.
     pub gate: MatrixView<'a>,
     pub up: MatrixView<'a>,
     pub down: MatrixView<'a>,
+    /// The routed experts of an MoE layer (LLaDA2).
+    pub routed: Option<RoutedExperts<'a>>,
+}
+
+/// The router and experts of one MoE layer.
+pub struct RoutedExperts<'a> {
+    /// `[experts, d_model]`.
+    pub router: MatrixView<'a>,
+    /// `[experts]`, added to the router's scores for selection only.
+    pub expert_bias: TensorView<'a>,
+    /// Gate, up and down projection of each expert.
+    pub experts: Vec<[MatrixView<'a>; 3]>,
 }
 
 pub struct ModelTensors<'a> {
@@ -49,13 +66,18 @@ pub struct ModelTensors<'a> {
 }
 
 impl ModelTensors<'_> {
-    /// Bytes of the matrices a forward pass reads whole: every projection
-    /// and the head (the embedding is only gathered).
+    /// Bytes of the matrices a forward pass reads whole: every projection,
+    /// an MoE layer's router, and the head (the embedding is only gathered,
+    /// a routed expert read only when a token is sent to it).
     pub fn streamed_bytes(&self) -> u64 {
         let layers: u64 = self
             .layers
             .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .flat_map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .chain(l.routed.as_ref().map(|r| &r.router))
+            })
             .map(MatrixView::stored_bytes)
             .sum();
         layers + self.head.stored_bytes()
@@ -122,6 +144,9 @@ impl Model {
         };
         let layers = (0..c.n_layers)
             .map(|i| {
+                if c.family == Family::Llada2 {
+                    return llada2::layer(ck, c, i, self.quantization);
+                }
                 let t = |part: Part| vector(&layout.name(i, part), &layout.shape(part));
                 let m = |part: Part| {
                     matrix(
@@ -140,11 +165,13 @@ impl Model {
                     } else {
                         None
                     },
+                    qk_norm: None,
                     o: m(Part::O)?,
                     ffn_norm: t(Part::FfnNorm)?,
                     gate: m(Part::Gate)?,
                     up: m(Part::Up)?,
                     down: m(Part::Down)?,
+                    routed: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -186,6 +213,10 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         .into_iter()
         .map(|(name, shape)| (name.to_string(), shape))
         .collect();
+    if config.family == Family::Llada2 {
+        all.extend((0..config.n_layers).flat_map(|i| llada2::expected_layer(config, i)));
+        return all;
+    }
     for i in 0..config.n_layers {
         for part in Part::ALL {
             if config.qkv_bias || !part.is_bias() {
@@ -284,6 +315,7 @@ impl Layout<'_> {
                 };
                 format!("model.layers.{i}.{leaf}")
             }
+            Family::Llada2 => unreachable!("model::llada2 names LLaDA2's layers"),
         }
     }
 
@@ -298,6 +330,11 @@ impl Layout<'_> {
             ],
             Family::Dream => [
                 "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            ],
+            Family::Llada2 => [
+                "model.word_embeddings.weight",
                 "model.norm.weight",
                 "lm_head.weight",
             ],

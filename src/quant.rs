@@ -20,6 +20,8 @@
 //! The embedding is only gathered, never multiplied, so it keeps its dtype,
 //! like the norm weights and biases.
 
+use std::ops::Range;
+
 use half::{bf16, f16};
 use serde_json::{json, Value};
 
@@ -279,6 +281,19 @@ impl<'a> MatrixView<'a> {
             values,
             scales: Some(scales),
         })
+    }
+
+    /// Rows `rows` of the matrix with their scales: a fused projection's
+    /// parts are runs of rows, and every encoding scales row by row.
+    pub fn rows(&self, rows: Range<usize>) -> MatrixView<'a> {
+        MatrixView {
+            name: self.name,
+            rows: rows.len(),
+            cols: self.cols,
+            encoding: self.encoding,
+            values: self.values.rows(rows.clone()),
+            scales: self.scales.as_ref().map(|s| s.rows(rows)),
+        }
     }
 
     /// Bytes stored for this matrix, scales included.

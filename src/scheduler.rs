@@ -209,9 +209,8 @@ impl Scheduler {
         let mut finished = Vec::new();
         for ((i, _), result) in plans.iter().zip(results) {
             let running = &mut self.running[*i];
-            let progress = result.and_then(|stats| {
-                guarded(|| Ok(running.request.sequence.advance(&stats, elapsed)))
-            });
+            let progress = result
+                .and_then(|stats| guarded(|| running.request.sequence.advance(&stats, elapsed)));
             match progress {
                 Ok(progress) => {
                     let request = &running.request;

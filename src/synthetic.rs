@@ -7,13 +7,13 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, Dtype};
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, MoeConfig};
 use crate::convert::{convert_tensor, WeightFormat};
 use crate::error::{Error, Result};
 use crate::model::{expected_tensors, is_quantizable, Model};
 
 /// Named shapes for benchmarks.
-pub const PRESETS: [&str; 3] = ["small", "llada-8b", "dream-7b"];
+pub const PRESETS: [&str; 4] = ["small", "llada-8b", "dream-7b", "llada2-mini"];
 
 pub fn preset(name: &str) -> Result<ModelConfig> {
     let base = ModelConfig {
@@ -29,6 +29,9 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         rms_eps: 1e-5,
         max_seq_len: 4096,
         qkv_bias: false,
+        partial_rotary_dim: None,
+        qk_norm: false,
+        moe: None,
         mask_id: Some(32000),
         eos_id: Some(32001),
     };
@@ -61,6 +64,35 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             qkv_bias: true,
             mask_id: Some(151666),
             eos_id: Some(151643),
+            ..base
+        },
+        // LLaDA2.0-mini / LLaDA2.1-mini (LLADA2.md §1).
+        "llada2-mini" => ModelConfig {
+            family: Family::Llada2,
+            d_model: 2048,
+            n_layers: 20,
+            n_heads: 16,
+            n_kv_heads: 4,
+            head_dim: 128,
+            partial_rotary_dim: Some(64),
+            ffn_hidden: 5120,
+            vocab_size: 157184,
+            rope_theta: 600000.0,
+            rms_eps: 1e-6,
+            max_seq_len: 16384,
+            qk_norm: true,
+            moe: Some(MoeConfig {
+                first_dense_layers: 1,
+                experts: 256,
+                experts_per_token: 8,
+                groups: 8,
+                groups_per_token: 4,
+                expert_hidden: 512,
+                shared_experts: 1,
+                routed_scaling: 2.5,
+            }),
+            mask_id: Some(156895),
+            eos_id: Some(156892),
             ..base
         },
         other => {
@@ -178,6 +210,14 @@ mod tests {
             assert!(q.iter().any(|&v| v != 0.0) && q.iter().all(|v| v.abs() <= 0.5));
         }
         assert!(preset("gpt2").is_err());
+    }
+
+    #[test]
+    fn llada2_mini_has_its_model_card_sizes() {
+        // 16B parameters, about 1.4B active per token (embedding and head included).
+        let config = preset("llada2-mini").unwrap();
+        assert_eq!(config.parameter_count(), 16_255_643_392);
+        assert_eq!(config.active_parameter_count(), 1_432_973_056);
     }
 
     #[test]

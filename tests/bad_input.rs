@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 const LLADA: &str = "llada_tiny_s1";
 const DREAM: &str = "dream_tiny_s1";
+const LLADA2: &str = "llada2_tiny_s1";
 
 // ---------------------------------------------------------------------------
 // Fixtures
@@ -1067,5 +1068,165 @@ fn quantized_values_of_the_wrong_dtype_are_named() {
         &info(&dir),
         RUN_ERROR,
         &[&format!("tensor {name}: has dtype u8, expected i8")],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// LLaDA2 (llada2_moe): mixture-of-experts configs and the samplers' flags
+
+/// Flags of a small LLaDA2 request.
+const LLADA2_SMALL: [&str; 8] = [
+    "--prompt-ids",
+    "1,2,3",
+    "--gen-length",
+    "8",
+    "--block-length",
+    "4",
+    "--sampler",
+    "llada21",
+];
+
+#[test]
+fn control_llada2_copy_loads_and_generates() {
+    let dir = copy_model(LLADA2, "control_llada2");
+    edit_tensors(&dir, |_| {});
+    edit_config(&dir, |_| {});
+    let stdout = assert_succeeds(&info(&dir));
+    assert!(stdout.contains("experts"), "{stdout}");
+    let mut args = LLADA2_SMALL.to_vec();
+    args.push("--json");
+    let json: Value = serde_json::from_str(assert_succeeds(&generate(&dir, &args)).trim()).unwrap();
+    assert!(!json["tokens"].as_array().unwrap().is_empty(), "{json}");
+}
+
+#[test]
+fn group_count_that_does_not_divide_the_experts_is_rejected() {
+    let dir = copy_model(LLADA2, "llada2_groups");
+    edit_config(&dir, |c| {
+        c.insert("n_group".into(), 3.into());
+    });
+    assert_fails(
+        &generate(&dir, &LLADA2_SMALL),
+        RUN_ERROR,
+        &["n_group 3 does not divide num_experts 8"],
+    );
+}
+
+#[test]
+fn top_k_beyond_the_experts_of_the_chosen_groups_is_rejected() {
+    // 2 groups of 2 experts are chosen: 4 experts, not 5.
+    let dir = copy_model(LLADA2, "llada2_top_k");
+    edit_config(&dir, |c| {
+        c.insert("num_experts_per_tok".into(), 5.into());
+    });
+    assert_fails(
+        &info(&dir),
+        RUN_ERROR,
+        &["num_experts_per_tok 5 is larger than the 4 experts in the topk_group 2 chosen groups of 2"],
+    );
+}
+
+#[test]
+fn missing_expert_tensor_is_named() {
+    let dir = copy_model(LLADA2, "llada2_missing_expert");
+    let name = "model.layers.2.mlp.experts.5.up_proj.weight";
+    edit_tensors(&dir, |tensors| {
+        let before = tensors.len();
+        tensors.retain(|t| t.name != name);
+        assert_eq!(tensors.len(), before - 1);
+    });
+    assert_fails(
+        &generate(&dir, &LLADA2_SMALL),
+        RUN_ERROR,
+        &[&format!("tensor {name}: missing from the checkpoint")],
+    );
+}
+
+#[test]
+fn partial_rotary_factor_leaving_odd_rotated_dims_is_rejected() {
+    // 32 x 0.46875 = 15 dims: RoPE rotates pairs.
+    let dir = copy_model(LLADA2, "llada2_odd_rotary");
+    edit_config(&dir, |c| {
+        c.insert("partial_rotary_factor".into(), 0.46875.into());
+    });
+    assert_fails(
+        &info(&dir),
+        RUN_ERROR,
+        &[
+            "partial_rotary_factor 0.46875 rotates 15 of 32 dims",
+            "must be even",
+        ],
+    );
+}
+
+#[test]
+fn router_the_reference_does_not_implement_is_rejected() {
+    let dir = copy_model(LLADA2, "llada2_softmax_router");
+    edit_config(&dir, |c| {
+        c.insert("score_function".into(), "softmax".into());
+    });
+    assert_fails(
+        &info(&dir),
+        RUN_ERROR,
+        &["score_function \"softmax\" is not supported"],
+    );
+}
+
+#[test]
+fn llada2_without_a_sampler_is_told_to_choose_one() {
+    assert_fails(
+        &generate(&golden(LLADA2), &LLADA2_SMALL[..6]),
+        RUN_ERROR,
+        &["--sampler llada20|llada21"],
+    );
+}
+
+#[test]
+fn llada2_sampler_on_another_family_is_rejected() {
+    assert_fails(
+        &generate(&golden(LLADA), &LLADA2_SMALL),
+        RUN_ERROR,
+        &["the LLaDA2 samplers decode llada2_moe models; this is a llada model"],
+    );
+}
+
+#[test]
+fn editing_flags_without_the_llada21_sampler_are_rejected() {
+    let mut args = LLADA2_SMALL[..6].to_vec();
+    args.extend(["--sampler", "llada20", "--editing-threshold", "0.5"]);
+    assert_fails(
+        &generate(&golden(LLADA2), &args),
+        RUN_ERROR,
+        &["--editing-threshold (editing_threshold) belongs to the LLaDA2.1 sampler"],
+    );
+    assert_fails(
+        &generate(
+            &golden(LLADA),
+            &small(&["--prompt-ids", "1,2", "--eos-early-stop"]),
+        ),
+        USAGE_ERROR,
+        &["--sampler"],
+    );
+}
+
+#[test]
+fn zero_num_to_transfer_is_rejected() {
+    let mut args = LLADA2_SMALL.to_vec();
+    args.extend(["--num-to-transfer", "0"]);
+    assert_fails(
+        &generate(&golden(LLADA2), &args),
+        RUN_ERROR,
+        &["num_to_transfer must be at least 1"],
+    );
+}
+
+#[test]
+fn llada2_flags_of_the_semi_autoregressive_samplers_are_rejected() {
+    let mut args = LLADA2_SMALL.to_vec();
+    args.extend(["--suffix-window", "4"]);
+    assert_fails(
+        &generate(&golden(LLADA2), &args),
+        RUN_ERROR,
+        &["suffix_window belongs to the semi-autoregressive samplers"],
     );
 }

@@ -39,7 +39,9 @@ fn engine(model: &str, options: EngineOptions) -> Engine {
 /// Decodes every robust case in random mixtures: a random number (1 to 16)
 /// of requests in flight, a new one submitted whenever one of them moves on
 /// (a completed block or its end), so requests join mid-way through others'
-/// blocks, with every strategy and length of the golden set side by side.
+/// blocks, with every strategy and length of the golden set side by side
+/// (for LLaDA2, block diffusion of both samplers, whose cache fills and
+/// steps batch with the others' passes).
 fn mixtures_decode_as_alone(model: &str, seed: u64) {
     let engine = engine(model, EngineOptions::default());
     let mut rng = Rng(seed);
@@ -101,6 +103,11 @@ fn llada_golden_cases_decode_in_random_mixtures_as_alone() {
 #[test]
 fn dream_golden_cases_decode_in_random_mixtures_as_alone() {
     mixtures_decode_as_alone("dream_tiny_s1", 0xd7ea);
+}
+
+#[test]
+fn llada2_golden_cases_of_both_samplers_decode_in_random_mixtures_as_alone() {
+    mixtures_decode_as_alone("llada2_tiny_s1", 0x11ada2);
 }
 
 /// A slow request: one token a step over 64 steps, without a cache.

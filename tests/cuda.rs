@@ -41,8 +41,8 @@ use dllm::cpu::ops::{self, AttentionShape, Rope};
 use dllm::cpu::{CpuBackend, Rounding};
 use dllm::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
 use dllm::cuda::{
-    inv_freq, AttentionScratch, CudaBackend, Driver, Gpu, Heads, RaggedAttention, RaggedDevice,
-    RowStats, SequenceShape,
+    inv_freq, AttentionScratch, CudaBackend, Driver, Gpu, Heads, QkNorm, RaggedAttention,
+    RaggedDevice, RowStats, SequenceShape,
 };
 use dllm::{synthetic, CacheMode, DecodeOptions, Model, ModelConfig};
 use half::bf16;
@@ -236,6 +236,144 @@ fn physical(pages: &[u32], slot: usize, page_size: usize) -> usize {
 }
 
 #[test]
+fn moe_router_chooses_the_experts_of_the_cpu_reference() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let mini = synthetic::preset("llada2-mini").unwrap().moe.unwrap();
+    let tiny = dllm::MoeConfig {
+        experts: 8,
+        experts_per_token: 2,
+        groups: 4,
+        groups_per_token: 2,
+        ..mini.clone()
+    };
+    let one = dllm::MoeConfig {
+        experts_per_token: 1,
+        ..tiny.clone()
+    };
+    for moe in [mini, tiny, one] {
+        let (n, k) = (50, moe.experts_per_token);
+        // Logits at the router's scale (1.5/sqrt(d) weights on unit inputs).
+        let logits = rng.values(n * moe.experts, 2.5);
+        let bias = rng.values(moe.experts, 0.2);
+        let (mut experts, mut weights) = (
+            upload(&gpu, &vec![u32::MAX; n * k]),
+            upload(&gpu, &vec![f32::NAN; n * k]),
+        );
+        gpu.kernels
+            .moe_router(
+                &gpu.stream,
+                &upload(&gpu, &logits).as_view(),
+                &upload(&gpu, &bias).as_view(),
+                &mut experts.as_view_mut(),
+                &mut weights.as_view_mut(),
+                &moe,
+            )
+            .unwrap();
+        let want = dllm::cpu::route(&logits, &bias, &moe);
+        // The kernel's arithmetic is the reference's, in the same order, so
+        // the choices are the same, in the same order. (The emulated device's
+        // expf is the host's; a GPU's may differ in the last bit, which can
+        // only flip a choice between two scores that close: a near-tie.)
+        assert_eq!(download(&gpu, &experts), want.experts, "{moe:?}");
+        let err = rel_err(&download(&gpu, &weights), &want.weights);
+        assert!(err < F32, "{moe:?}: weights relative error {err}");
+    }
+}
+
+#[test]
+fn kv_update_normalises_heads_and_rotates_their_leading_dims() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    // LLaDA2-mini (64 of 128 dims rotate) and the golden tiny model (16 of 32).
+    for (heads, rotary_dim) in [
+        (
+            Heads {
+                heads: 16,
+                kv_heads: 4,
+                head_dim: 128,
+            },
+            64,
+        ),
+        (
+            Heads {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+            },
+            16,
+        ),
+    ] {
+        let (n, slots, theta, eps) = (40, 96, 600000f32, 1e-6f32);
+        let (q_dim, kv_dim, width) = (heads.q_dim(), heads.kv_dim(), heads.qkv_dim());
+        let write_slot = rng.below(slots - n + 1);
+        let positions: Vec<u32> = (0..n).map(|_| rng.below(4096) as u32).collect();
+        let qkv = rng.values(n * width, 2.0);
+        // Weights near 4, as LLaDA2's trained q/k norms are.
+        let q_norm: Vec<f32> = rng
+            .values(heads.head_dim, 0.5)
+            .iter()
+            .map(|w| w + 4.0)
+            .collect();
+        let k_norm: Vec<f32> = rng
+            .values(heads.head_dim, 0.5)
+            .iter()
+            .map(|w| w + 4.0)
+            .collect();
+
+        let mut qkv_dev = upload(&gpu, &qkv);
+        let (q_norm_dev, k_norm_dev) = (upload(&gpu, &q_norm), upload(&gpu, &k_norm));
+        let poison = to_bf16(&vec![f32::NAN; slots * kv_dim]);
+        let (mut k_dev, mut v_dev) = (upload(&gpu, &poison), upload(&gpu, &poison));
+        let row_slots: Vec<u32> = (write_slot..write_slot + n).map(|s| s as u32).collect();
+        let norm = QkNorm {
+            q: q_norm_dev.as_view(),
+            k: k_norm_dev.as_view(),
+            eps,
+        };
+        gpu.kernels
+            .kv_update(
+                &gpu.stream,
+                &mut qkv_dev.as_view_mut(),
+                None,
+                Some(&norm),
+                &upload(&gpu, &positions).as_view(),
+                &upload(&gpu, &row_slots).as_view(),
+                &upload(&gpu, &inv_freq(rotary_dim, theta)).as_view(),
+                &mut k_dev.as_view_mut(),
+                &mut v_dev.as_view_mut(),
+                heads,
+            )
+            .unwrap();
+
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for row in qkv.chunks_exact(width) {
+            q.extend_from_slice(&row[..q_dim]);
+            k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+            v.extend_from_slice(&row[q_dim + kv_dim..]);
+        }
+        let mut q = ops::rms_norm(&q, &q_norm, eps);
+        let mut k = ops::rms_norm(&k, &k_norm, eps);
+        let rope = Rope::new(&positions, heads.head_dim, rotary_dim, theta);
+        rope.apply(&mut q, heads.heads);
+        rope.apply(&mut k, heads.kv_heads);
+
+        let got_q: Vec<f32> = download(&gpu, &qkv_dev)
+            .chunks_exact(width)
+            .flat_map(|r| r[..q_dim].to_vec())
+            .collect();
+        let err = rel_err(&got_q, &q);
+        assert!(err < F32, "{heads:?}: q relative error {err}");
+        let written = write_slot * kv_dim..(write_slot + n) * kv_dim;
+        for (name, got, want) in [
+            ("k", download(&gpu, &k_dev), &k),
+            ("v", download(&gpu, &v_dev), &v),
+        ] {
+            let err = rel_err(&to_f32(&got[written.clone()]), want);
+            assert!(err < BF16, "{heads:?}: {name} relative error {err}");
+        }
+    }
+}
+
+#[test]
 fn kv_update_rotates_and_writes_only_its_slots() {
     let (gpu, rng) = (gpu(), Rng::new());
     // Dream's GQA with biases, and LLaDA's MHA at head_dim 64 without.
@@ -289,6 +427,7 @@ fn kv_update_rotates_and_writes_only_its_slots() {
                 &gpu.stream,
                 &mut qkv_dev.as_view_mut(),
                 with_bias.then_some(&bias_view),
+                None,
                 &upload(&gpu, &positions).as_view(),
                 &slots_dev.as_view(),
                 &upload(&gpu, &inv_freq(heads.head_dim, theta)).as_view(),
@@ -309,7 +448,7 @@ fn kv_update_rotates_and_writes_only_its_slots() {
             k.extend_from_slice(&biased[q_dim..q_dim + kv_dim]);
             v.extend_from_slice(&biased[q_dim + kv_dim..]);
         }
-        let rope = Rope::new(&positions, heads.head_dim, theta);
+        let rope = Rope::new(&positions, heads.head_dim, heads.head_dim, theta);
         rope.apply(&mut q, heads.heads);
         rope.apply(&mut k, heads.kv_heads);
 

@@ -108,7 +108,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     for r in &requests {
         let outcome = (|| {
             let prompt = r.flags.prompt(&engine)?;
-            let options = r.flags.options(&engine.model().config, prompt.len());
+            let options = r.flags.options(&engine.model().config, prompt.len())?;
             let call = Instant::now();
             let generation = engine.generate(&prompt, &options)?;
             request::report(

@@ -8,20 +8,26 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use dllm::convert::WeightFormat;
 use dllm::kv_pool::PAGE_SIZE;
-use dllm::{synthetic, CacheMode, DecodeOptions, Device, Engine, EngineOptions, Generation};
+use dllm::{
+    synthetic, CacheMode, DecodeOptions, Device, Engine, EngineOptions, Family, Generation,
+};
 use serde_json::json;
 
 use super::resources::{human_bytes, peak_rss_bytes, read_bandwidth};
-use super::{DeviceArg, ModelArg};
+use super::{bench_llada2, DeviceArg, ModelArg};
 
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArg,
     /// Random weights at a preset's shapes instead of a model directory
-    /// (small: d_model 1024, 8 layers; llada-8b; dream-7b).
+    /// (small: d_model 1024, 8 layers; llada-8b; dream-7b; llada2-mini).
     #[arg(long, conflicts_with = "model")]
     synthetic: Option<String>,
+    /// Keep only the synthetic preset's first N layers (the real LLaDA2-mini
+    /// needs 33 GB in bf16; per-layer figures are unchanged).
+    #[arg(long, requires = "synthetic")]
+    layers: Option<usize>,
     /// Prompt length in tokens (a seeded random prompt).
     #[arg(long, default_value_t = 1024)]
     prompt_length: usize,
@@ -141,11 +147,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let model = match &args.synthetic {
         Some(name) => {
+            let mut config = synthetic::preset(name)?;
+            if let Some(layers) = args.layers {
+                anyhow::ensure!(
+                    (1..=config.n_layers).contains(&layers),
+                    "--layers {layers}: the preset has {} layers",
+                    config.n_layers
+                );
+                config.n_layers = layers;
+            }
             let format = args.model.format()?.unwrap_or(WeightFormat::BF16);
-            synthetic::model_in(synthetic::preset(name)?, 1, format)
+            synthetic::model_in(config, 1, format)
         }
         None => args.model.open()?,
     };
+    if model.config.family == Family::Llada2 {
+        anyhow::ensure!(
+            device == Device::Cpu,
+            "the CUDA backend does not run llada2_moe models yet: bench with --device cpu"
+        );
+        let run = bench_llada2::Run {
+            model_name: args.synthetic.as_deref().unwrap_or("from directory"),
+            gen_length: args.gen_length,
+            block_length: args.block_length,
+            json: args.json,
+        };
+        let prompt = synthetic::random_prompt(args.prompt_length, &model.config, 2);
+        return run.bench(&model, &prompt, load_start.elapsed().as_secs_f64());
+    }
     let weights_bytes = model.checkpoint.total_bytes();
     let streamed_bytes = model.tensors()?.streamed_bytes();
     let floor_ms = bandwidth.map(|b| streamed_bytes as f64 / b * 1e3);

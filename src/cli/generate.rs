@@ -29,7 +29,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let engine = Engine::new(model, args.device.into())?;
     let load_time = started.elapsed();
     let prompt = args.request.prompt(&engine)?;
-    let options = args.request.options(&engine.model().config, prompt.len());
+    let options = args.request.options(&engine.model().config, prompt.len())?;
 
     if args.json {
         let call = Instant::now();

@@ -24,8 +24,37 @@ pub fn run(arg: &ModelArg) -> anyhow::Result<()> {
         c.ffn_hidden,
         c.vocab_size
     );
+    if let Some(moe) = &c.moe {
+        println!(
+            "experts        {} routed of width {} in {} groups, {} per token from {} groups, shared expert of width {}; layers {}..{} (the first {} dense)",
+            moe.experts,
+            moe.expert_hidden,
+            moe.groups,
+            moe.experts_per_token,
+            moe.groups_per_token,
+            moe.shared_hidden(),
+            moe.first_dense_layers,
+            c.n_layers,
+            moe.first_dense_layers
+        );
+    }
+    if c.rotary_dim() != c.head_dim || c.qk_norm {
+        println!(
+            "attention      RoPE on {} of {} dims per head{}",
+            c.rotary_dim(),
+            c.head_dim,
+            if c.qk_norm { ", q/k RMSNorm" } else { "" }
+        );
+    }
     println!("max sequence   {}", c.max_seq_len);
     println!("parameters     {params} ({})", human_count(params));
+    if c.moe.is_some() {
+        let active = c.active_parameter_count();
+        println!(
+            "active/token   {active} ({}, embedding and head included)",
+            human_count(active)
+        );
+    }
     println!(
         "stored dtypes  {} ({} on disk)",
         dtypes.join(", "),
@@ -34,7 +63,7 @@ pub fn run(arg: &ModelArg) -> anyhow::Result<()> {
     let tensors = model.tensors()?;
     let streamed = tensors.streamed_bytes();
     println!(
-        "weights        {} ({} read whole by every forward: projections and head)",
+        "weights        {} ({} read whole by every forward: projections, routers and head)",
         match model.quantization {
             Some(q) => format!("quantized, {}", q.name()),
             None => "float".into(),

@@ -2,6 +2,7 @@
 
 mod batch;
 mod bench;
+mod bench_llada2;
 mod eval;
 mod generate;
 mod info;

@@ -6,12 +6,16 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use dllm::{CacheMode, DecodeOptions, DreamAlg, Engine, Generation, ModelConfig};
+use dllm::{CacheMode, DecodeOptions, DreamAlg, Editing, Engine, Generation, ModelConfig, Sampler};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 /// Tokens generated when `--gen-length` is not given and the model has room.
 const DEFAULT_GEN_LENGTH: usize = 256;
+/// The LLaDA2 samplers' threshold and LLaDA2.0's steps per block when not
+/// given: the reference's defaults.
+const LLADA2_THRESHOLD: f64 = 0.95;
+const LLADA2_STEPS: usize = 32;
 
 #[derive(Args)]
 pub struct RequestArgs {
@@ -81,6 +85,32 @@ pub struct DecodingArgs {
     /// EOS token id [default: from config.json].
     #[arg(long)]
     eos_id: Option<u32>,
+    /// Block diffusion with a LLaDA2 sampler (llada2_moe models): LLaDA2.0's
+    /// threshold with a per-step quota (--steps per block [default: 32]), or
+    /// LLaDA2.1's threshold plus editing. --threshold defaults to 0.95.
+    #[arg(long, value_enum)]
+    sampler: Option<SamplerArg>,
+    /// LLaDA2.1: replace a committed token by a different prediction more
+    /// probable than this (1 turns editing off) [default: 0.9].
+    #[arg(long)]
+    editing_threshold: Option<f64>,
+    /// LLaDA2.1: most forwards of a block once its masks are gone [default: 16].
+    #[arg(long)]
+    max_post_steps: Option<usize>,
+    /// LLaDA2.1: least masks committed a step [default: 1].
+    #[arg(long)]
+    num_to_transfer: Option<usize>,
+    /// LLaDA2 samplers: stop as soon as EOS is decoded with no mask before it.
+    #[arg(long, requires = "sampler")]
+    #[serde(default)]
+    eos_early_stop: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SamplerArg {
+    Llada20,
+    Llada21,
 }
 
 #[derive(Clone, Copy, ValueEnum, Deserialize)]
@@ -138,12 +168,12 @@ impl RequestArgs {
 
     /// The decoding options for a prompt of `prompt_len` tokens on a model
     /// of `config`; a shortened default generation length is said on stderr.
-    pub fn options(&self, config: &ModelConfig, prompt_len: usize) -> DecodeOptions {
-        let (options, note) = self.decoding.options(config, prompt_len);
+    pub fn options(&self, config: &ModelConfig, prompt_len: usize) -> dllm::Result<DecodeOptions> {
+        let (options, note) = self.decoding.options(config, prompt_len)?;
         if let Some(note) = note {
             eprintln!("note: {note}");
         }
-        options
+        Ok(options)
     }
 }
 
@@ -155,7 +185,7 @@ impl DecodingArgs {
         &self,
         config: &ModelConfig,
         prompt_len: usize,
-    ) -> (DecodeOptions, Option<String>) {
+    ) -> dllm::Result<(DecodeOptions, Option<String>)> {
         let alg = self.alg.map(|a| match a {
             AlgArg::MaskgitPlus => DreamAlg::MaskgitPlus,
             AlgArg::Entropy => DreamAlg::Entropy,
@@ -165,9 +195,12 @@ impl DecodingArgs {
         let wants_no_threshold =
             self.factor.is_some() || matches!(alg, Some(a) if a != DreamAlg::ConfidenceThreshold);
         let defaults = DecodeOptions::default();
+        let sampler = self.sampler()?;
+        let block_diffusion = sampler != Sampler::SemiAutoregressive;
         let threshold = match self.threshold {
             Some(Threshold::At(t)) => Some(t),
             Some(Threshold::Off) => None,
+            None if block_diffusion => Some(LLADA2_THRESHOLD),
             None if wants_no_threshold => None,
             None => defaults.threshold,
         };
@@ -176,7 +209,11 @@ impl DecodingArgs {
         let options = DecodeOptions {
             gen_length,
             block_length,
-            steps: self.steps.unwrap_or(gen_length),
+            steps: self.steps.unwrap_or(if block_diffusion {
+                LLADA2_STEPS
+            } else {
+                gen_length
+            }),
             cache: match self.cache {
                 None => defaults.cache,
                 Some(CacheArg::None) => CacheMode::None,
@@ -192,8 +229,49 @@ impl DecodingArgs {
             alg,
             mask_id: self.mask_id,
             eos_id: self.eos_id,
+            sampler,
         };
-        (options, note)
+        Ok((options, note))
+    }
+
+    /// `--sampler` with its own flags; LLaDA2.1's editing flags without it
+    /// are an error, not ignored.
+    fn sampler(&self) -> dllm::Result<Sampler> {
+        // Named both ways: the command line's flag and the server's field.
+        let editing_flags = [
+            (
+                "--editing-threshold (editing_threshold)",
+                self.editing_threshold.is_some(),
+            ),
+            (
+                "--max-post-steps (max_post_steps)",
+                self.max_post_steps.is_some(),
+            ),
+            (
+                "--num-to-transfer (num_to_transfer)",
+                self.num_to_transfer.is_some(),
+            ),
+        ];
+        if self.sampler != Some(SamplerArg::Llada21) {
+            if let Some((flag, _)) = editing_flags.iter().find(|(_, given)| *given) {
+                return Err(dllm::Error::InvalidRequest(format!(
+                    "{flag} belongs to the LLaDA2.1 sampler: choose sampler llada21"
+                )));
+            }
+        }
+        let defaults = Editing::default();
+        Ok(match self.sampler {
+            None => Sampler::SemiAutoregressive,
+            Some(SamplerArg::Llada20) => Sampler::Llada20 {
+                eos_early_stop: self.eos_early_stop,
+            },
+            Some(SamplerArg::Llada21) => Sampler::Llada21(Editing {
+                editing_threshold: self.editing_threshold.unwrap_or(defaults.editing_threshold),
+                max_post_steps: self.max_post_steps.unwrap_or(defaults.max_post_steps),
+                num_to_transfer: self.num_to_transfer.unwrap_or(defaults.num_to_transfer),
+                eos_early_stop: self.eos_early_stop,
+            }),
+        })
     }
 
     /// `--gen-length` as given; without it the default, cut to the whole

@@ -84,6 +84,22 @@ impl Matrix {
         }
     }
 
+    /// An f32 matrix of `rows` rows of `cols` values.
+    #[cfg(test)]
+    pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> Matrix {
+        assert_eq!(values.len(), rows * cols);
+        Matrix {
+            rows,
+            cols,
+            storage: Storage::F32(values),
+        }
+    }
+
+    /// The length of a row: the inputs of a product.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Bytes this matrix occupies (mapped or owned), scales included.
     pub fn bytes(&self) -> u64 {
         match &self.storage {

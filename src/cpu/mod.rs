@@ -5,8 +5,11 @@
 //! other than f32 are computed from as stored (`matrix`): bf16 and f16
 //! stay memory-mapped, quantized ones too.
 
+mod ffn;
 pub mod matrix;
 pub mod ops;
+
+pub use ffn::{route, Routing};
 
 use crate::backend::{Backend, CacheLayout, ForwardPass};
 use crate::checkpoint::TensorView;
@@ -16,6 +19,7 @@ use crate::model::Model;
 use crate::progress::Progress;
 use crate::quant::MatrixView;
 
+use ffn::{Mlp, RoutedExperts};
 use matrix::Matrix;
 use ops::{AttentionShape, Rope};
 
@@ -25,11 +29,12 @@ struct Layer {
     k: Matrix,
     v: Matrix,
     qkv_bias: Option<[Vec<f32>; 3]>,
+    qk_norm: Option<[Vec<f32>; 2]>,
     o: Matrix,
     ffn_norm: Vec<f32>,
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
+    /// The dense MLP, or an MoE layer's shared expert.
+    mlp: Mlp,
+    routed: Option<RoutedExperts>,
 }
 
 /// Per-layer keys (rotated at their true positions) and values,
@@ -77,6 +82,8 @@ pub struct CpuBackend {
     final_norm: Vec<f32>,
     head: Matrix,
     cache: KvCache,
+    /// The last forward's routing, one entry per MoE layer.
+    routing: Vec<Routing>,
 }
 
 impl CpuBackend {
@@ -99,6 +106,11 @@ impl CpuBackend {
             progress.advance(m.stored_bytes());
             Matrix::load(m, rounding == Rounding::Device)
         };
+        let mlp = |[gate, up, down]: [&MatrixView; 3]| Mlp {
+            gate: matrix(gate),
+            up: matrix(up),
+            down: matrix(down),
+        };
         let layers = tensors
             .layers
             .iter()
@@ -111,11 +123,24 @@ impl CpuBackend {
                     .qkv_bias
                     .as_ref()
                     .map(|b| [load(&b[0]), load(&b[1]), load(&b[2])]),
+                qk_norm: l.qk_norm.as_ref().map(|[q, k]| [load(q), load(k)]),
                 o: matrix(&l.o),
                 ffn_norm: load(&l.ffn_norm),
-                gate: matrix(&l.gate),
-                up: matrix(&l.up),
-                down: matrix(&l.down),
+                mlp: mlp([&l.gate, &l.up, &l.down]),
+                routed: l.routed.as_ref().map(|r| RoutedExperts {
+                    config: config
+                        .moe
+                        .clone()
+                        .expect("routed experts come from an MoE config"),
+                    // Not rounded to bf16 under device rounding: a rounded
+                    // score can flip which experts a token goes to.
+                    router: {
+                        progress.advance(r.router.stored_bytes());
+                        Matrix::load(&r.router, false)
+                    },
+                    expert_bias: load(&r.expert_bias),
+                    experts: r.experts.iter().map(|[g, u, d]| mlp([g, u, d])).collect(),
+                }),
             })
             .collect();
         let backend = CpuBackend {
@@ -128,11 +153,18 @@ impl CpuBackend {
                 keys: Vec::new(),
                 values: Vec::new(),
             },
+            routing: Vec::new(),
             config,
             rounding,
         };
         progress.finish();
         Ok(backend)
+    }
+
+    /// The experts every MoE layer sent each query row of the last forward
+    /// to, one entry per MoE layer (empty for a model without experts).
+    pub fn last_routing(&self) -> &[Routing] {
+        &self.routing
     }
 
     /// Runs the layers over the passes' tokens together, updating each
@@ -170,7 +202,7 @@ impl CpuBackend {
             spans.push(row..row + pass.tokens.len());
             row += pass.tokens.len();
         }
-        let rope = Rope::new(&positions, c.head_dim, c.rope_theta);
+        let rope = Rope::new(&positions, c.head_dim, c.rotary_dim(), c.rope_theta);
         let shape = AttentionShape {
             heads: c.n_heads,
             kv_heads: c.n_kv_heads,
@@ -178,6 +210,7 @@ impl CpuBackend {
         };
         let page_size = self.cache.layout.page_size;
         let rounding = self.rounding;
+        self.routing.clear();
         for (layer, (keys, values)) in self
             .layers
             .iter()
@@ -192,6 +225,10 @@ impl CpuBackend {
                 ops::add_bias(&mut q, bq);
                 ops::add_bias(&mut k, bk);
                 ops::add_bias(&mut v, bv);
+            }
+            if let Some([q_norm, k_norm]) = &layer.qk_norm {
+                q = ops::rms_norm(&q, q_norm, c.rms_eps);
+                k = ops::rms_norm(&k, k_norm, c.rms_eps);
             }
             rope.apply(&mut q, c.n_heads);
             rope.apply(&mut k, c.n_kv_heads);
@@ -222,11 +259,14 @@ impl CpuBackend {
 
             let mut h = ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps);
             rounding.round(&mut h);
-            let mut gate = layer.gate.linear(&h, n);
-            let up = layer.up.linear(&h, n);
-            ops::silu_gate(&mut gate, &up);
-            rounding.round(&mut gate);
-            ops::add_in_place(&mut x, &layer.down.linear(&gate, n));
+            let mut ffn = layer.mlp.forward(&h, rounding);
+            if let Some(routed) = &layer.routed {
+                // Routed plus shared expert, then the residual: the reference's order.
+                let routing = routed.route(&h, n);
+                ops::add_in_place(&mut ffn, &routed.forward(&h, d, &routing, rounding));
+                self.routing.push(routing);
+            }
+            ops::add_in_place(&mut x, &ffn);
         }
         let mut wanted = Vec::new();
         for (pass, span) in passes.iter().zip(&spans) {

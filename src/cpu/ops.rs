@@ -81,11 +81,14 @@ pub fn silu_gate(gate: &mut [f32], up: &[f32]) {
 }
 
 /// RoPE angles for the rotate-half convention: `cos`/`sin` tables of shape
-/// `[positions, head_dim / 2]`, computed in float32 like the references.
+/// `[positions, rotary_dim / 2]`, computed in float32 like the references.
+/// The first `rotary_dim` dims of each head rotate; the rest of the head
+/// (LLaDA2's partial rotary embedding) passes through.
 pub struct Rope {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     half: usize,
+    head_dim: usize,
 }
 
 /// RoPE frequencies `theta^(-2j / head_dim)` in f32, as the references
@@ -97,9 +100,9 @@ pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
 }
 
 impl Rope {
-    pub fn new(positions: &[u32], head_dim: usize, theta: f32) -> Rope {
-        let half = head_dim / 2;
-        let inv_freq = inv_freq(head_dim, theta);
+    pub fn new(positions: &[u32], head_dim: usize, rotary_dim: usize, theta: f32) -> Rope {
+        let half = rotary_dim / 2;
+        let inv_freq = inv_freq(rotary_dim, theta);
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
@@ -109,19 +112,24 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
-        Rope { cos, sin, half }
+        Rope {
+            cos,
+            sin,
+            half,
+            head_dim,
+        }
     }
 
     /// Rotates every head of every row of `x` (`[rows, heads * head_dim]`).
     pub fn apply(&self, x: &mut [f32], heads: usize) {
-        let hd = 2 * self.half;
+        let hd = self.head_dim;
         x.par_chunks_exact_mut(heads * hd)
             .enumerate()
             .for_each(|(row, vals)| {
                 let cos = &self.cos[row * self.half..(row + 1) * self.half];
                 let sin = &self.sin[row * self.half..(row + 1) * self.half];
                 for head in vals.chunks_exact_mut(hd) {
-                    let (a, b) = head.split_at_mut(self.half);
+                    let (a, b) = head[..2 * self.half].split_at_mut(self.half);
                     for j in 0..self.half {
                         let (x1, x2) = (a[j], b[j]);
                         a[j] = x1 * cos[j] - x2 * sin[j];
@@ -265,11 +273,21 @@ mod tests {
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut x: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
         let original = x.clone();
-        Rope::new(&[0, 9], 8, 10000.0).apply(&mut x, 1);
+        Rope::new(&[0, 9], 8, 8, 10000.0).apply(&mut x, 1);
         assert_eq!(&x[..8], &original[..8]);
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&x[8..]) - norm(&original[8..])).abs() < 1e-3);
         assert_ne!(&x[8..], &original[8..]);
+    }
+
+    #[test]
+    fn partial_rope_rotates_the_leading_dims_only() {
+        let mut x: Vec<f32> = (0..8).map(|i| i as f32 + 1.0).collect();
+        Rope::new(&[3], 8, 4, 10000.0).apply(&mut x, 1);
+        assert_eq!(&x[4..], &[5.0, 6.0, 7.0, 8.0]);
+        // The rotated pairs are (0, 2) and (1, 3), by angles 3 and 3/100.
+        let (c, s) = (3f32.cos(), 3f32.sin());
+        assert!((x[0] - (c - 3.0 * s)).abs() < 1e-6 && (x[2] - (3.0 * c + s)).abs() < 1e-6);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use half::bf16;
 use super::ragged::RaggedDevice;
 use super::{driver_error, no_kernels_error};
 use crate::backend::TokenStats;
+use crate::config::MoeConfig;
 use crate::error::{Error, Result};
 
 #[cfg(dllm_kernels)]
@@ -36,6 +37,13 @@ const ATTENTION_THREADS: u32 = 128;
 const MIN_SPLIT_KEYS: usize = 4 * ATTENTION_KEYS;
 const CONFIDENCE_THREADS: u32 = 512;
 const ROW_THREADS: u32 = 256;
+/// The router's limits (kernels/moe_router.cu).
+const ROUTER_MAX_EXPERTS: usize = 1024;
+const ROUTER_MAX_GROUPS: usize = 32;
+const ROUTER_MAX_TOP_K: usize = 32;
+/// Heads (q plus k) of a row QK-norm can handle (kernels/kv_update.cu
+/// `MAX_NORMED_HEADS`).
+const KV_UPDATE_NORMED_HEADS: usize = 256;
 
 /// The head layout of attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +68,14 @@ impl Heads {
     pub fn qkv_dim(&self) -> usize {
         self.q_dim() + 2 * self.kv_dim()
     }
+}
+
+/// LLaDA2's QK-norm: RMSNorm weights shared by every q head and every k
+/// head, `[head_dim]` each.
+pub struct QkNorm<'a> {
+    pub q: CudaView<'a, f32>,
+    pub k: CudaView<'a, f32>,
+    pub eps: f32,
 }
 
 /// What the confidence kernel writes per row (kernels/confidence.cu
@@ -180,6 +196,7 @@ pub struct Kernels {
     attention_combine: CudaFunction,
     silu_gate: CudaFunction,
     confidence: CudaFunction,
+    moe_router: CudaFunction,
     /// Multiprocessor count, for sizing grids.
     pub sms: usize,
 }
@@ -209,6 +226,7 @@ impl Kernels {
             attention_combine: function(&attention, "attention_combine")?,
             silu_gate: function(&module("silu_gate")?, "silu_gate")?,
             confidence: function(&module("confidence")?, "confidence")?,
+            moe_router: function(&module("moe_router")?, "moe_router")?,
             sms: sms as usize,
         })
     }
@@ -250,16 +268,18 @@ impl Kernels {
         launch(args, "rms_norm", grid(rows, 1, 1, ROW_THREADS)?)
     }
 
-    /// Adds the bias, rotates q in place and k by RoPE at `positions`, and
-    /// writes row i's k and v into physical cache slot `slots[i]`. Slots must
-    /// lie in the cache: the caller derives them from checked page tables
-    /// (src/cuda/batch.rs).
+    /// Adds the bias, applies QK-norm, rotates q in place and k by RoPE at
+    /// `positions`, and writes row i's k and v into physical cache slot
+    /// `slots[i]`. RoPE turns the first `2 * inv_freq.len()` dims of each
+    /// head. Slots must lie in the cache: the caller derives them from
+    /// checked page tables (src/cuda/batch.rs).
     #[allow(clippy::too_many_arguments)]
     pub fn kv_update(
         &self,
         stream: &CudaStream,
         qkv: &mut CudaViewMut<f32>,
         bias: Option<&CudaView<f32>>,
+        qk_norm: Option<&QkNorm>,
         positions: &CudaView<u32>,
         slots: &CudaView<u32>,
         inv_freq: &CudaView<f32>,
@@ -270,30 +290,93 @@ impl Kernels {
         let n = positions.len();
         extent("kv_update", "qkv", qkv.len(), n * heads.qkv_dim())?;
         extent("kv_update", "slots", slots.len(), n)?;
-        extent("kv_update", "inv_freq", inv_freq.len(), heads.head_dim / 2)?;
+        let rotary_dim = 2 * inv_freq.len();
+        if rotary_dim == 0 || rotary_dim > heads.head_dim {
+            return Err(Error::Device(format!(
+                "kv_update: {} RoPE frequencies for heads of {}",
+                inv_freq.len(),
+                heads.head_dim
+            )));
+        }
         if let Some(bias) = bias {
             extent("kv_update", "bias", bias.len(), heads.qkv_dim())?;
         }
+        if let Some(norm) = qk_norm {
+            extent("kv_update", "q_norm", norm.q.len(), heads.head_dim)?;
+            extent("kv_update", "k_norm", norm.k.len(), heads.head_dim)?;
+            if heads.heads + heads.kv_heads > KV_UPDATE_NORMED_HEADS {
+                return Err(Error::Device(format!(
+                    "kv_update: QK-norm of {} heads, more than the {KV_UPDATE_NORMED_HEADS} the kernel holds",
+                    heads.heads + heads.kv_heads
+                )));
+            }
+        }
         cache_extents("kv_update", k_cache.len(), v_cache.len(), heads)?;
         let null: u64 = 0;
-        let (h, kvh, hd) = (
+        let (h, kvh, hd, rd) = (
             int(heads.heads)?,
             int(heads.kv_heads)?,
             int(heads.head_dim)?,
+            int(rotary_dim)?,
         );
+        let eps = qk_norm.map_or(0.0, |norm| norm.eps);
         let mut args = stream.launch_builder(&self.kv_update);
         args.arg(qkv);
         match bias {
             Some(bias) => args.arg(bias),
             None => args.arg(&null),
         };
+        match qk_norm {
+            Some(norm) => args.arg(&norm.q).arg(&norm.k),
+            None => args.arg(&null).arg(&null),
+        };
         args.arg(positions)
             .arg(inv_freq)
             .arg(slots)
             .arg(k_cache)
             .arg(v_cache);
-        args.arg(&h).arg(&kvh).arg(&hd);
+        args.arg(&h).arg(&kvh).arg(&hd).arg(&rd).arg(&eps);
         launch(args, "kv_update", grid(n, 1, 1, ROW_THREADS)?)
+    }
+
+    /// LLaDA2's router: from the router GEMM's `logits` (`[n, experts]`)
+    /// and the selection bias, each token's `experts` and their `weights`
+    /// (`[n, experts_per_token]`, by descending biased score).
+    pub fn moe_router(
+        &self,
+        stream: &CudaStream,
+        logits: &CudaView<f32>,
+        expert_bias: &CudaView<f32>,
+        experts: &mut CudaViewMut<u32>,
+        weights: &mut CudaViewMut<f32>,
+        moe: &MoeConfig,
+    ) -> Result<()> {
+        let (e, k) = (moe.experts, moe.experts_per_token);
+        if e > ROUTER_MAX_EXPERTS || moe.groups > ROUTER_MAX_GROUPS || k > ROUTER_MAX_TOP_K {
+            return Err(Error::Device(format!(
+                "moe_router: {e} experts in {} groups, top {k}: the kernel holds at most {ROUTER_MAX_EXPERTS} in {ROUTER_MAX_GROUPS}, top {ROUTER_MAX_TOP_K}",
+                moe.groups
+            )));
+        }
+        let n = logits.len() / e;
+        extent("moe_router", "logits", logits.len(), n * e)?;
+        extent("moe_router", "expert_bias", expert_bias.len(), e)?;
+        extent("moe_router", "experts", experts.len(), n * k)?;
+        extent("moe_router", "weights", weights.len(), n * k)?;
+        let (e, g, gk, k) = (
+            int(e)?,
+            int(moe.groups)?,
+            int(moe.groups_per_token)?,
+            int(k)?,
+        );
+        let mut args = stream.launch_builder(&self.moe_router);
+        args.arg(logits).arg(expert_bias).arg(experts).arg(weights);
+        args.arg(&e)
+            .arg(&g)
+            .arg(&gk)
+            .arg(&k)
+            .arg(&moe.routed_scaling);
+        launch(args, "moe_router", grid(n, 1, 1, 32)?)
     }
 
     /// Attention of the q rows of `qkv` (`[n, qkv_dim]`), each sequence of

@@ -9,7 +9,8 @@
 //! x = embed[tokens]                                   embed.cu        f32 [n, d]
 //! per layer:
 //!   qkv  = rms_norm(x) · Wqkvᵀ                        rms_norm.cu + cuBLASLt
-//!   bias, RoPE(q), RoPE(k) → cache[slot of each row]  kv_update.cu
+//!   bias, QK-norm, RoPE(q), RoPE(k)                   kv_update.cu
+//!          → cache[slot of each row]
 //!   attn = softmax(q Kᵀ/√hd) V, each sequence over    attention.cu    bf16 [n, d]
 //!          its own pages, one launch for the batch
 //!   x   += attn · Woᵀ                                 cuBLASLt, beta = 1
@@ -50,7 +51,9 @@ use buffers::{Activations, Cache, Capacity, HEAD_ROWS};
 pub use driver::Driver;
 pub use gemm::Gemm;
 use graphs::{Graphs, Launch, Step};
-pub use kernels::{AttentionScratch, AttentionSplit, Heads, Kernels, RowStats, KERNELS_BUILT};
+pub use kernels::{
+    AttentionScratch, AttentionSplit, Heads, Kernels, QkNorm, RowStats, KERNELS_BUILT,
+};
 pub use ragged::{QueryTile, RaggedAttention, RaggedDevice, SequenceDesc, SequenceShape};
 use weights::Weights;
 
@@ -179,6 +182,11 @@ impl CudaBackend {
     /// Uploads the model's weights to `gpu`.
     pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
+        if config.family == crate::config::Family::Llada2 {
+            return Err(Error::Device(
+                "the CUDA backend does not run llada2_moe models yet (routed experts, QK-norm, partial RoPE): use --device cpu".into(),
+            ));
+        }
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
                 "head_dim {} has no attention kernel (32, 64 and 128 are built)",
@@ -360,6 +368,7 @@ impl CudaBackend {
                 stream,
                 &mut a.qkv.slice_mut(..n * qkv_dim),
                 bias.as_ref(),
+                None,
                 &a.positions.slice(..n),
                 &a.slots.slice(..n),
                 &weights.inv_freq.as_view(),

@@ -81,7 +81,10 @@ impl Weights {
             final_norm: up.vector(&[&tensors.final_norm])?,
             head: up.matrix(&[&tensors.head])?,
             inv_freq: stream
-                .clone_htod(&inv_freq(model.config.head_dim, model.config.rope_theta))
+                .clone_htod(&inv_freq(
+                    model.config.rotary_dim(),
+                    model.config.rope_theta,
+                ))
                 .map_err(driver_error("the RoPE frequencies"))?,
         };
         up.progress.finish();

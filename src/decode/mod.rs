@@ -1,18 +1,22 @@
-//! The decode loop: one loop for every strategy, steered by a plan.
+//! Decoding, steered by a plan.
 //!
 //! A request's [`DecodeOptions`] are checked once against the model and
 //! turned into a plan: which positions each block sees, which forward each
 //! step runs (full, prefix-cached or DualCache), how confidences are scored
-//! and which [`Rule`] commits tokens. The loop itself knows nothing about
-//! strategy names.
+//! and which [`Rule`] commits tokens. A [`Sequence`] steps the plan one
+//! forward at a time, knowing nothing about strategy names; LLaDA2's block
+//! diffusion (`block_diffusion`) is the other state a sequence can be in.
 
+mod block_diffusion;
 mod layout;
 mod rule;
+mod semi_autoregressive;
 mod sequence;
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+pub use block_diffusion::{Editing, Sampler};
 pub use rule::{transfer_schedule, Candidate, Rule};
 pub use sequence::{PassPlan, Progress, Sequence};
 
@@ -98,6 +102,9 @@ pub struct DecodeOptions {
     pub alg: Option<DreamAlg>,
     pub mask_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// The semi-autoregressive samplers above, or LLaDA2's block diffusion,
+    /// which reads only the lengths, `steps`, `threshold` and the ids.
+    pub sampler: Sampler,
 }
 
 impl Default for DecodeOptions {
@@ -116,6 +123,7 @@ impl Default for DecodeOptions {
             alg: None,
             mask_id: None,
             eos_id: None,
+            sampler: Sampler::SemiAutoregressive,
         }
     }
 }
@@ -248,25 +256,12 @@ impl Plan {
         if o.suffix_window.is_none() && o.suffix_tail != 1 {
             return invalid("suffix_tail only applies with a suffix window".into());
         }
-        let mask_id = o.mask_id.or(config.mask_id).ok_or_else(|| {
-            Error::invalid("the model config has no mask_token_id: pass a mask id")
-        })?;
-        let eos_id = o.eos_id.or(config.eos_id).ok_or_else(|| {
-            Error::invalid("the model config has no eos_token_id: pass an eos id")
-        })?;
-        for (name, id) in [("mask", mask_id), ("eos", eos_id)] {
-            if id as usize >= config.vocab_size {
-                return invalid(format!(
-                    "{name} id {id} is outside the vocabulary of {} entries",
-                    config.vocab_size
-                ));
-            }
+        if config.family == Family::Llada2 {
+            return invalid(
+                "llada2_moe models decode by block diffusion: choose the LLaDA2.0 or LLaDA2.1 sampler (--sampler llada20|llada21)".into(),
+            );
         }
-        if mask_id == eos_id {
-            return invalid(format!(
-                "mask id and eos id are both {mask_id}: they must differ"
-            ));
-        }
+        let (mask_id, eos_id) = special_ids(o, config)?;
         let steps_per_block = o.steps / blocks;
         let dream = config.family == Family::Dream;
         let (rule, score) = transfer_rule(o, config.family)?;
@@ -285,6 +280,43 @@ impl Plan {
             shifted_logits: dream,
             first_step_commits_first_position: dream && o.cache != CacheMode::None,
         })
+    }
+}
+
+/// The mask and EOS ids of a request: its own, else the model's.
+fn special_ids(o: &DecodeOptions, config: &ModelConfig) -> Result<(u32, u32)> {
+    let mask_id = o
+        .mask_id
+        .or(config.mask_id)
+        .ok_or_else(|| Error::invalid("the model config has no mask_token_id: pass a mask id"))?;
+    let eos_id = o
+        .eos_id
+        .or(config.eos_id)
+        .ok_or_else(|| Error::invalid("the model config has no eos_token_id: pass an eos id"))?;
+    for (name, id) in [("mask", mask_id), ("eos", eos_id)] {
+        if id as usize >= config.vocab_size {
+            return Err(Error::invalid(format!(
+                "{name} id {id} is outside the vocabulary of {} entries",
+                config.vocab_size
+            )));
+        }
+    }
+    if mask_id == eos_id {
+        return Err(Error::invalid(format!(
+            "mask id and eos id are both {mask_id}: they must differ"
+        )));
+    }
+    Ok((mask_id, eos_id))
+}
+
+/// Every prompt id is a row of the embedding.
+fn check_prompt(prompt: &[u32], config: &ModelConfig) -> Result<()> {
+    match prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
+        Some(bad) => Err(Error::invalid(format!(
+            "prompt token id {bad} is outside the vocabulary of {} entries",
+            config.vocab_size
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -341,7 +373,8 @@ fn transfer_rule(o: &DecodeOptions, family: Family) -> Result<(Rule, Score)> {
 /// The result of one request.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// The `gen_length` generated ids.
+    /// The `gen_length` generated ids; with LLaDA2's samplers, as their
+    /// reference returns them: cut after the first EOS.
     pub tokens: Vec<u32>,
     /// Forward passes run.
     pub nfe: usize,
@@ -354,8 +387,12 @@ pub struct Generation {
     /// Forward passes over every kept position (each block's first step, and
     /// every step without a cache).
     pub full_forwards: ForwardTime,
-    /// Cached steps: prefix-cache or DualCache forwards.
+    /// Cached steps: prefix-cache or DualCache forwards, and every block
+    /// diffusion step.
     pub cached_forwards: ForwardTime,
+    /// Block diffusion: forwards that only make completed blocks' keys and
+    /// values exact, deciding nothing (not counted in `nfe`).
+    pub cache_fills: ForwardTime,
 }
 
 /// Count and total wall time of one kind of forward pass.
@@ -409,7 +446,7 @@ pub fn generate(
         let pass = sequence.next_pass()?;
         let start = Instant::now();
         let stats = backend.token_stats(&[pass.as_forward(SINGLE_PAGE)])?;
-        let progress = sequence.advance(&stats[0], start.elapsed());
+        let progress = sequence.advance(&stats[0], start.elapsed())?;
         for (_, tokens) in &progress.blocks {
             on_block(tokens);
         }

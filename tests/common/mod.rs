@@ -7,7 +7,7 @@ pub mod tapped;
 
 use std::path::{Path, PathBuf};
 
-use dllm::{CacheMode, DecodeOptions, DreamAlg};
+use dllm::{CacheMode, DecodeOptions, DreamAlg, Editing, Sampler};
 use serde_json::Value;
 
 pub fn golden_dir(model: &str) -> PathBuf {
@@ -42,11 +42,29 @@ pub fn prompts(cases: &Value) -> Vec<Vec<u32>> {
 
 /// A little-endian float32 `.npy` file: (shape, data).
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let (shape, data) = read_npy_raw(path, "<f4");
+    (
+        shape,
+        data.iter().copied().map(f32::from_le_bytes).collect(),
+    )
+}
+
+/// A little-endian int32 `.npy` file: (shape, data).
+pub fn read_npy_i32(path: &Path) -> (Vec<usize>, Vec<i32>) {
+    let (shape, data) = read_npy_raw(path, "<i4");
+    (
+        shape,
+        data.iter().copied().map(i32::from_le_bytes).collect(),
+    )
+}
+
+/// The shape and 4-byte elements of a C-order `.npy` file of `descr`.
+fn read_npy_raw(path: &Path, descr: &str) -> (Vec<usize>, Vec<[u8; 4]>) {
     let bytes = std::fs::read(path).unwrap();
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f4'"), "{header}");
+    assert!(header.contains(&format!("'descr': '{descr}'")), "{header}");
     assert!(header.contains("'fortran_order': False"), "{header}");
     let shape_text = header
         .split("'shape': (")
@@ -60,9 +78,9 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().unwrap())
         .collect();
-    let data: Vec<f32> = bytes[10 + header_len..]
+    let data: Vec<[u8; 4]> = bytes[10 + header_len..]
         .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .map(|b| [b[0], b[1], b[2], b[3]])
         .collect();
     assert_eq!(data.len(), shape.iter().product::<usize>());
     (shape, data)
@@ -73,6 +91,9 @@ pub fn options_for(case: &Value) -> DecodeOptions {
     let strategy = case["strategy"].as_str().unwrap();
     let args = &case["args"];
     let get = |k: &str| args.get(k).and_then(Value::as_f64);
+    if strategy.starts_with("llada2") {
+        return llada2_options(strategy, args);
+    }
     let gen_length = get("gen_length").unwrap() as usize;
     let cache = match strategy {
         "baseline" | "baseline_threshold" | "baseline_factor" | "dream_baseline" => CacheMode::None,
@@ -98,6 +119,37 @@ pub fn options_for(case: &Value) -> DecodeOptions {
             .map(|a| DreamAlg::parse(a).unwrap()),
         mask_id: None,
         eos_id: get("eos_id").map(|e| e as u32),
+        sampler: dllm::Sampler::SemiAutoregressive,
+    }
+}
+
+/// The options of an LLaDA2 golden case: 64 tokens, and the reference's
+/// defaults for what the case does not set.
+fn llada2_options(strategy: &str, args: &Value) -> DecodeOptions {
+    let get = |k: &str| args.get(k).and_then(Value::as_f64);
+    let eos_early_stop = args.get("eos_early_stop") == Some(&Value::Bool(true));
+    let sampler = match strategy {
+        "llada20" => Sampler::Llada20 { eos_early_stop },
+        "llada21" => {
+            let default = Editing::default();
+            Sampler::Llada21(Editing {
+                editing_threshold: get("editing_threshold").unwrap_or(default.editing_threshold),
+                max_post_steps: get("max_post_steps")
+                    .map_or(default.max_post_steps, |m| m as usize),
+                num_to_transfer: get("num_to_transfer")
+                    .map_or(default.num_to_transfer, |n| n as usize),
+                eos_early_stop,
+            })
+        }
+        other => panic!("unknown golden strategy {other}"),
+    };
+    DecodeOptions {
+        gen_length: 64,
+        block_length: get("block_length").unwrap() as usize,
+        steps: get("steps").unwrap_or(32.0) as usize,
+        threshold: get("threshold"),
+        sampler,
+        ..DecodeOptions::default()
     }
 }
 
@@ -120,6 +172,8 @@ pub fn robust_cases(model: &str) -> Vec<Case> {
         .unwrap()
         .iter()
         .filter(|case| case.get("robust").and_then(Value::as_bool).unwrap_or(true))
+        // Q1: we implement LLaDA2.1 with true block attention, not the soft mask.
+        .filter(|case| case["strategy"] != "llada21_softmask")
         .map(|case| Case {
             label: format!(
                 "{} {} prompt {}",

@@ -130,7 +130,9 @@ fn job(
     }
     // A default length cut to fit the model is the model's limit; the note
     // saying so is for a terminal.
-    let (options, _) = decoding.options(&engine.model().config, prompt.len());
+    let (options, _) = decoding
+        .options(&engine.model().config, prompt.len())
+        .map_err(|e| ApiError::from_engine(e, "prompt"))?;
     Ok(Job {
         prompt,
         options,

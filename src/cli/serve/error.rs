@@ -24,7 +24,7 @@ pub struct ApiError {
 /// The prompt is left out: a message about the prompt and an option (a
 /// prompt too long for `max_tokens`) is about the option, and one about the
 /// prompt alone falls back to the prompt's field.
-const ENGINE_FIELDS: [(&str, &str); 13] = [
+const ENGINE_FIELDS: [(&str, &str); 17] = [
     ("gen_length", "max_tokens"),
     ("block_length", "block_length"),
     ("steps", "steps"),
@@ -38,6 +38,10 @@ const ENGINE_FIELDS: [(&str, &str); 13] = [
     ("mask_token_id", "mask_id"),
     ("eos id", "eos_id"),
     ("eos_token_id", "eos_id"),
+    ("early_exit", "early_exit"),
+    ("editing_threshold", "editing_threshold"),
+    ("max_post_steps", "max_post_steps"),
+    ("num_to_transfer", "num_to_transfer"),
 ];
 
 impl ApiError {
