@@ -8,8 +8,9 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::watched::{Watched, Watcher};
 use common::{golden_dir, robust_cases, Case};
-use dllm::backend::{Backend, CacheLayout, ForwardPass};
+use dllm::backend::{Backend, ForwardPass};
 use dllm::cpu::CpuBackend;
 use dllm::{
     CacheMode, DecodeOptions, Device, Engine, EngineOptions, Error, Event, Model, RequestHandle,
@@ -235,34 +236,16 @@ fn a_request_longer_than_the_whole_cache_is_refused_while_the_others_go_on() {
 }
 
 /// The CPU backend, except that a pass holding the poison token panics.
-struct Poisoned {
-    cpu: CpuBackend,
-}
+/// Panics on any batch holding a pass with the token [`POISON`].
+struct Poisoned;
 
 const POISON: u32 = 77;
 
-impl Backend for Poisoned {
-    fn device_name(&self) -> String {
-        self.cpu.device_name()
-    }
-
-    fn cache_slot_bytes(&self) -> usize {
-        self.cpu.cache_slot_bytes()
-    }
-
-    fn cache_budget(&self) -> dllm::Result<usize> {
-        self.cpu.cache_budget()
-    }
-
-    fn allocate_cache(&mut self, layout: CacheLayout) -> dllm::Result<()> {
-        self.cpu.allocate_cache(layout)
-    }
-
-    fn logits(&mut self, passes: &[ForwardPass]) -> dllm::Result<Vec<Vec<f32>>> {
+impl Watcher for Poisoned {
+    fn before(&mut self, passes: &[ForwardPass]) {
         if passes.iter().any(|p| p.tokens.contains(&POISON)) {
             panic!("poisoned pass");
         }
-        self.cpu.logits(passes)
     }
 }
 
@@ -272,8 +255,9 @@ fn a_panic_in_one_requests_forward_fails_that_request_only() {
     let engine = Engine::with_backend(
         model,
         Box::new(|model: &Model| {
-            Ok(Box::new(Poisoned {
-                cpu: CpuBackend::new(model)?,
+            Ok(Box::new(Watched {
+                backend: CpuBackend::new(model)?,
+                watcher: Poisoned,
             }) as Box<dyn Backend>)
         }),
         EngineOptions::default(),

@@ -15,7 +15,7 @@ mod common;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use common::tapped::{Tap, Tapped};
+use common::watched::{Tap, Watched};
 use dllm::backend::{Backend, CacheLayout, ForwardPass};
 use dllm::cuda::{CudaBackend, Driver, Gpu};
 use dllm::{CacheMode, DecodeOptions, Engine, EngineOptions, Event, Model};
@@ -113,9 +113,9 @@ fn requests_decoded_together_are_decoded_as_alone() {
                     .iter()
                     .any(|p| p.pages.windows(2).any(|w| w[1] != w[0] + 1));
             });
-            Ok(Box::new(Tapped {
-                cuda: cuda(model)?,
-                tap,
+            Ok(Box::new(Watched {
+                backend: cuda(model)?,
+                watcher: tap,
             }))
         })
     };

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::tapped::Tapped;
+use common::watched::{Tap, Watched};
 use dllm::backend::TokenStats;
 use dllm::cuda::{CudaBackend, Driver, Gpu};
 use dllm::{CacheMode, DecodeOptions, Model};
@@ -16,12 +16,13 @@ fn replayed_steps_equal_eager_steps() {
     let gpu = Gpu::open(Driver::for_tests().unwrap()).unwrap();
     // Every step's statistics, in order.
     let recorded: Arc<Mutex<Vec<TokenStats>>> = Arc::default();
-    let mut backend = Tapped {
-        cuda: CudaBackend::on(gpu, &model).unwrap(),
-        tap: {
-            let recorded = recorded.clone();
-            Box::new(move |_, stats| recorded.lock().unwrap().extend(stats.iter().flatten()))
-        },
+    let tap: Tap = {
+        let recorded = recorded.clone();
+        Box::new(move |_, stats| recorded.lock().unwrap().extend(stats.iter().flatten()))
+    };
+    let mut backend = Watched {
+        backend: CudaBackend::on(gpu, &model).unwrap(),
+        watcher: tap,
     };
     let prompt = model
         .tokenizer
@@ -36,9 +37,9 @@ fn replayed_steps_equal_eager_steps() {
         (CacheMode::Dual, Some(8)),
     ];
     let mut run = |graphs: bool| {
-        backend.cuda.set_graphs(graphs);
+        backend.backend.set_graphs(graphs);
         recorded.lock().unwrap().clear();
-        let before = backend.cuda.graph_replays();
+        let before = backend.backend.graph_replays();
         let mut tokens = Vec::new();
         for (cache, suffix_window) in strategies {
             let options = DecodeOptions {
@@ -58,7 +59,7 @@ fn replayed_steps_equal_eager_steps() {
         (
             tokens,
             recorded.lock().unwrap().clone(),
-            backend.cuda.graph_replays() - before,
+            backend.backend.graph_replays() - before,
         )
     };
     let (eager_tokens, eager_stats, eager_replays) = run(false);

@@ -4,6 +4,7 @@
 mod common;
 
 use common::golden_dir;
+use common::watched::{Watched, Watcher};
 use dllm::{CacheMode, DecodeOptions, Device, Engine, Model};
 
 fn engine(name: &str) -> Engine {
@@ -124,36 +125,20 @@ fn bf16_checkpoints_load_as_the_f32_weights_rounded() {
 }
 
 /// Runs the CPU backend and records every pass against what was announced.
+/// Checks that every pass has a shape announced before the request's first
+/// forward, and counts them.
+#[derive(Default)]
 struct Announced {
-    cpu: dllm::cpu::CpuBackend,
     shapes: dllm::backend::PassShapes,
     passes: usize,
 }
 
-impl dllm::backend::Backend for Announced {
-    fn device_name(&self) -> String {
-        self.cpu.device_name()
-    }
-
-    fn cache_slot_bytes(&self) -> usize {
-        self.cpu.cache_slot_bytes()
-    }
-
-    fn cache_budget(&self) -> dllm::Result<usize> {
-        self.cpu.cache_budget()
-    }
-
-    fn allocate_cache(&mut self, layout: dllm::backend::CacheLayout) -> dllm::Result<()> {
-        self.shapes = Default::default();
-        self.cpu.allocate_cache(layout)
-    }
-
-    fn expect(&mut self, shapes: &dllm::backend::PassShapes) -> dllm::Result<()> {
+impl Watcher for Announced {
+    fn expected(&mut self, shapes: &dllm::backend::PassShapes) {
         self.shapes = shapes.clone();
-        Ok(())
     }
 
-    fn logits(&mut self, passes: &[dllm::backend::ForwardPass]) -> dllm::Result<Vec<Vec<f32>>> {
+    fn before(&mut self, passes: &[dllm::backend::ForwardPass]) {
         for pass in passes {
             assert!(
                 self.shapes.tokens.contains(&pass.tokens.len()),
@@ -164,17 +149,15 @@ impl dllm::backend::Backend for Announced {
             assert!(pass.rows.len() <= self.shapes.max_rows, "{:?}", pass.rows);
             self.passes += 1;
         }
-        self.cpu.logits(passes)
     }
 }
 
 #[test]
 fn every_pass_shape_is_announced_before_the_first_step() {
     let model = Model::open(&golden_dir("dream_tiny_s1")).unwrap();
-    let mut backend = Announced {
-        cpu: dllm::cpu::CpuBackend::new(&model).unwrap(),
-        shapes: Default::default(),
-        passes: 0,
+    let mut backend = Watched {
+        backend: dllm::cpu::CpuBackend::new(&model).unwrap(),
+        watcher: Announced::default(),
     };
     for cache in [CacheMode::None, CacheMode::Prefix, CacheMode::Dual] {
         for window in [None, Some(4), Some(20)] {
@@ -183,5 +166,9 @@ fn every_pass_shape_is_announced_before_the_first_step() {
                 .unwrap();
         }
     }
-    assert!(backend.passes > 30, "{} passes", backend.passes);
+    assert!(
+        backend.watcher.passes > 30,
+        "{} passes",
+        backend.watcher.passes
+    );
 }

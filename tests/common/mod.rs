@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod tapped;
+pub mod watched;
 
 use std::path::{Path, PathBuf};
 
