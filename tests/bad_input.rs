@@ -1197,7 +1197,7 @@ fn editing_flags_without_the_llada21_sampler_are_rejected() {
     assert_fails(
         &generate(&golden(LLADA2), &args),
         RUN_ERROR,
-        &["--editing-threshold (editing_threshold) belongs to the LLaDA2.1 sampler"],
+        &["editing_threshold (--editing-threshold) belongs to the LLaDA2.1 sampler"],
     );
     assert_fails(
         &generate(

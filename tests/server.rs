@@ -11,8 +11,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{cases, golden_dir, ids, options_for, prompts};
-use dllm::{CacheMode, DecodeOptions};
+use common::{golden_dir, ids};
+use dllm::{CacheMode, DecodeOptions, Sampler};
 use futures_util::{stream, StreamExt};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
@@ -138,7 +138,7 @@ fn tiny_arith() -> PathBuf {
 
 /// A request's decoding fields, as the API names them.
 fn decoding_fields(o: &DecodeOptions) -> Value {
-    json!({
+    let fields = json!({
         "max_tokens": o.gen_length,
         "block_length": o.block_length,
         "steps": o.steps,
@@ -156,7 +156,24 @@ fn decoding_fields(o: &DecodeOptions) -> Value {
         "alg": o.alg.map(|a| a.name()),
         "mask_id": o.mask_id,
         "eos_id": o.eos_id,
-    })
+    });
+    match o.sampler {
+        Sampler::SemiAutoregressive => fields,
+        Sampler::Llada20 { eos_early_stop } => with(
+            fields,
+            json!({ "sampler": "llada20", "eos_early_stop": eos_early_stop }),
+        ),
+        Sampler::Llada21(e) => with(
+            fields,
+            json!({
+                "sampler": "llada21",
+                "editing_threshold": e.editing_threshold,
+                "max_post_steps": e.max_post_steps,
+                "num_to_transfer": e.num_to_transfer,
+                "eos_early_stop": e.eos_early_stop,
+            }),
+        ),
+    }
 }
 
 fn with(mut body: Value, more: Value) -> Value {
@@ -232,26 +249,16 @@ fn reassemble(events: &[String], chat: bool) -> Reassembled {
 async fn check_golden_cases_over_http(model: &str, robust_cases: usize) {
     let server = Server::start(&golden_dir(model), &[]);
     let client = Client::new();
-    let golden = cases(model);
-    let prompts = prompts(&golden);
-    let robust: Vec<&Value> = golden["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|case| case.get("robust").and_then(Value::as_bool).unwrap_or(true))
-        .collect();
+    let robust = common::robust_cases(model);
     let failures: Vec<String> = stream::iter(&robust)
         .map(|case| {
-            let (client, server, prompts) = (&client, &server, &prompts);
+            let (client, server) = (&client, &server);
             async move {
-                let prompt = &prompts[case["prompt"].as_u64().unwrap() as usize];
                 let body = with(
-                    json!({ "prompt": prompt, "return_token_ids": true }),
-                    decoding_fields(&options_for(case)),
+                    json!({ "prompt": case.prompt, "return_token_ids": true }),
+                    decoding_fields(&case.options),
                 );
-                let want_tokens = ids(&case["tokens"]);
-                let want_nfe = case["nfe"].as_u64().unwrap()
-                    - case.get("nfe_idle").and_then(Value::as_u64).unwrap_or(0);
+                let (want_tokens, want_nfe) = (&case.tokens, case.nfe);
                 // Without a tokenizer the text is the ids.
                 let want_text: String = want_tokens.iter().map(|t| format!("{t} ")).collect();
                 let url = server.url("/v1/completions");
@@ -266,7 +273,7 @@ async fn check_golden_cases_over_http(model: &str, robust_cases: usize) {
                     .unwrap();
                 let streamed = reassemble(&sse_events(streamed).await, false);
                 let mut problems = Vec::new();
-                if choice.get("token_ids").map(ids) != Some(want_tokens.clone()) {
+                if choice.get("token_ids").map(ids).as_ref() != Some(want_tokens) {
                     problems.push(format!("tokens differ: {whole}"));
                 }
                 if whole["usage"]["nfe"] != json!(want_nfe) {
@@ -275,20 +282,13 @@ async fn check_golden_cases_over_http(model: &str, robust_cases: usize) {
                 if choice["text"] != json!(want_text) {
                     problems.push("text differs".into());
                 }
-                if streamed.text != want_text || streamed.token_ids != want_tokens {
+                if streamed.text != want_text || &streamed.token_ids != want_tokens {
                     problems.push(format!("the stream reassembles to {:?}", streamed.text));
                 }
                 if streamed.last["usage"]["nfe"] != json!(want_nfe) {
                     problems.push(format!("streamed usage {}", streamed.last["usage"]));
                 }
-                (!problems.is_empty()).then(|| {
-                    format!(
-                        "{} {}: {}",
-                        case["strategy"],
-                        case["args"],
-                        problems.join("; ")
-                    )
-                })
+                (!problems.is_empty()).then(|| format!("{}: {}", case.label, problems.join("; ")))
             }
         })
         .buffer_unordered(8)
@@ -312,6 +312,11 @@ async fn llada_golden_cases_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dream_golden_cases_over_http() {
     check_golden_cases_over_http("dream_tiny_s1", 72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llada2_golden_cases_of_both_samplers_over_http() {
+    check_golden_cases_over_http("llada2_tiny_s1", 139).await;
 }
 
 /// What `dllm generate --json` answers.
@@ -492,6 +497,9 @@ async fn bad_requests_are_refused_naming_the_field() {
         ("token id outside the vocabulary", &completions, json!({ "prompt": [1, 1000] }).to_string(), Some("prompt"), "outside the vocabulary"),
         ("empty prompt", &completions, json!({ "prompt": "" }).to_string(), Some("prompt"), "empty"),
         ("two choices", &completions, json!({ "prompt": prompt, "n": 2 }).to_string(), Some("n"), "one choice"),
+        ("unknown sampler", &completions, json!({ "prompt": prompt, "sampler": "llada30" }).to_string(), Some("sampler"), "unknown variant `llada30`"),
+        ("a LLaDA2 sampler on a LLaDA model", &completions, json!({ "prompt": prompt, "sampler": "llada20" }).to_string(), Some("sampler"), "llada2_moe models"),
+        ("editing without LLaDA2.1", &completions, json!({ "prompt": prompt, "editing_threshold": 0.5 }).to_string(), Some("editing_threshold"), "LLaDA2.1 sampler"),
         ("steps without a stream", &completions, json!({ "prompt": prompt, "stream_steps": true }).to_string(), Some("stream_steps"), "stream"),
         ("no messages", &chat, json!({ "max_tokens": 64 }).to_string(), Some("messages"), "non-empty"),
         ("a message without content", &chat, json!({ "messages": [{ "role": "user" }] }).to_string(), Some("messages[0]"), "content"),

@@ -240,15 +240,15 @@ impl DecodingArgs {
         // Named both ways: the command line's flag and the server's field.
         let editing_flags = [
             (
-                "--editing-threshold (editing_threshold)",
+                "editing_threshold (--editing-threshold)",
                 self.editing_threshold.is_some(),
             ),
             (
-                "--max-post-steps (max_post_steps)",
+                "max_post_steps (--max-post-steps)",
                 self.max_post_steps.is_some(),
             ),
             (
-                "--num-to-transfer (num_to_transfer)",
+                "num_to_transfer (--num-to-transfer)",
                 self.num_to_transfer.is_some(),
             ),
         ];

@@ -24,7 +24,7 @@ pub struct ApiError {
 /// The prompt is left out: a message about the prompt and an option (a
 /// prompt too long for `max_tokens`) is about the option, and one about the
 /// prompt alone falls back to the prompt's field.
-const ENGINE_FIELDS: [(&str, &str); 17] = [
+const ENGINE_FIELDS: [(&str, &str); 18] = [
     ("gen_length", "max_tokens"),
     ("block_length", "block_length"),
     ("steps", "steps"),
@@ -42,6 +42,7 @@ const ENGINE_FIELDS: [(&str, &str); 17] = [
     ("editing_threshold", "editing_threshold"),
     ("max_post_steps", "max_post_steps"),
     ("num_to_transfer", "num_to_transfer"),
+    ("LLaDA2 samplers", "sampler"),
 ];
 
 impl ApiError {
