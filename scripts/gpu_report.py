@@ -110,6 +110,8 @@ def write(stem: Path, mode: str, steps, outcomes: dict, budget: float, elapsed: 
 
     L += ["## b. Correctness gates", ""]
     L.append(f"- tests/cuda.rs: {outcomes['b-tests'].status}: {outcomes['b-tests'].data.get('summary') or outcomes['b-tests'].detail}")
+    L.append(f"- tests/cuda_batch.rs: {outcomes['b-batch'].status}: "
+             f"{outcomes['b-batch'].data.get('summary') or outcomes['b-batch'].detail}")
     L.append(f"- `dllm eval --device cuda --check` on models/tiny-arith: {outcomes['b-eval'].status}"
              f"{': ' + outcomes['b-eval'].detail if outcomes['b-eval'].detail else ''}")
     if outcomes["b-eval"].data.get("table"):
@@ -142,6 +144,15 @@ def write(stem: Path, mode: str, steps, outcomes: dict, budget: float, elapsed: 
                      f"{fmt(b['cached_forward_ms'], '.2f')} | {fmt(b['cached_floor_ms'], '.2f')} | {b['tokens_per_s']:.1f} |")
     else:
         L.append(f"`dllm bench`: {outcomes['d-bench'].status} {outcomes['d-bench'].detail}")
+    batched = outcomes["d-batch"].data.get("rows")
+    if batched:
+        L += ["", f"Concurrent requests decoded together (`{outcomes['d-batch'].command}`):", "",
+              "| strategy | batch | aggregate tok/s | mean latency s | batched forwards | mean forward ms | "
+              "sequences a forward |", "|---|---:|---:|---:|---:|---:|---:|"]
+        L += [f"| {r['strategy']} | {r['batch']} | {r['aggregate_tokens_per_s']:.1f} | {r['mean_latency_s']:.3f} | "
+              f"{r['batched_forwards']} | {fmt(r['mean_forward_ms'], '.2f')} | {r['mean_batch']:.2f} |" for r in batched]
+    else:
+        L.append(f"`dllm bench --batch`: {outcomes['d-batch'].status} {outcomes['d-batch'].detail}")
     kernels = outcomes["d-kernels"].data.get("lines")
     if kernels:
         L += ["", "Kernel benchmarks (criterion; `" + outcomes["d-kernels"].command + "`):", "", "```", *kernels, "```"]

@@ -60,6 +60,7 @@ MAX_CARRIED = 64 << 20  # what one device call carries: the checkout and the fol
 BINARIES = {  # name in the folder -> the cargo target kind, and how cargo builds it
     "dllm": ("bin", ["build", "--release", "--bin", "dllm"]),
     "test-cuda": ("test", ["test", "--release", "--test", "cuda", "--no-run"]),
+    "test-cuda-batch": ("test", ["test", "--release", "--test", "cuda_batch", "--no-run"]),
     "bench-kernels": ("bench", ["bench", "--bench", "kernels", "--no-run"]),
 }
 # Files of the checkout the run reads; their checksums at --prepare are in the
@@ -88,11 +89,13 @@ STEPS = [
     Step("a-device", "device, driver and library versions", {"gpu": 10, "dry": 5}),
     Step("b-tests", "tests/cuda.rs", {"gpu": 60, "dry": 15}, gate=True),
     Step("b-eval", "dllm eval --check on the small model", {"gpu": 20, "dry": 40}, gate=True),
+    Step("b-batch", "tests/cuda_batch.rs: requests decoded together as alone", {"gpu": 20, "dry": 20}),
     Step("c-memcheck", "compute-sanitizer memcheck on the kernel tests", {"gpu": 40, "dry": 10}),
     Step("c-racecheck", "compute-sanitizer racecheck on the kernel tests", {"gpu": 40, "dry": 10}),
     Step("d-floors", "DESIGN §4 floors: copy bandwidth and bf16 matmul rate (PyTorch)", {"gpu": 15, "dry": 10},
          needs_torch=True),
     Step("d-bench", "dllm bench --synthetic llada-8b: prompt phase, full forward, cached step", {"gpu": 60, "dry": 15}),
+    Step("d-batch", "dllm bench --batch: aggregate throughput of concurrent requests", {"gpu": 30, "dry": 10}),
     Step("d-kernels", "kernel benchmarks (benches/kernels.rs)", {"gpu": 30, "dry": 5}),
     Step("e-llada", "comparison with the PyTorch references: LLaDA-8B", {"gpu": 150, "dry": 90}, needs_torch=True),
     Step("e-dream", "comparison with the PyTorch references: Dream-7B, if time is left", {"gpu": 130, "dry": 60},
@@ -305,6 +308,11 @@ class Run:
         outcome.data = {"summary": last_line(outcome.log, "test result:")}
         return outcome
 
+    def b_batch(self, step: Step) -> Outcome:
+        outcome = self.execute(step, [self.path("test-cuda-batch"), "--test-threads=1"])
+        outcome.data = {"summary": last_line(outcome.log, "test result:")}
+        return outcome
+
     def b_eval(self, step: Step) -> Outcome:
         cmd = [self.path("dllm"), "eval", "--device", "cuda", "--model", REPO / "models/tiny-arith", "--check"]
         # Full rows on the GPU; on the emulated device two examples, baseline only (a minute of CPU).
@@ -354,6 +362,17 @@ class Run:
         rows = [json.loads(line) for line in outcome.log.splitlines() if line.startswith("{")]
         outcome.data = {"rows": rows, "model": "llada-8b (random weights)" if self.mode == "gpu"
                         else "tests/data/golden/llada_tiny_s1 (tiny)"}
+        return outcome
+
+    def d_batch(self, step: Step) -> Outcome:
+        if self.mode == "gpu":
+            model, batches = ["--synthetic", "llada-8b", "--prompt-length", "256", "--gen-length", "64"], "1,8,32"
+        else:
+            model, batches = ["--model", REPO / "tests/data/golden/llada_tiny_s1/bf16", "--prompt-length", "64",
+                              "--gen-length", "64", "--steps", "8"], "1,4"
+        outcome = self.execute(step, [self.path("dllm"), "bench", *model, "--block-length", "32", "--only", "dual",
+                                      "--batch", batches, "--device", "cuda", "--json"])
+        outcome.data = {"rows": [json.loads(line) for line in outcome.log.splitlines() if line.startswith("{")]}
         return outcome
 
     def d_kernels(self, step: Step) -> Outcome:
