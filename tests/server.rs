@@ -600,19 +600,37 @@ async fn first_chunk(response: &mut Response) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_goes_away_frees_its_cache_pages() {
+/// A client that goes away mid-request, streamed or waiting for the whole
+/// answer, cancels it: its cache pages come back and it counts as cancelled.
+async fn check_a_client_that_goes_away(stream: bool) {
     let server = Server::start(&golden_dir("llada_tiny_s1"), &[]);
     let client = Client::new();
-    let mut response = client
+    let request = client
         .post(server.url("/v1/completions"))
-        .json(&long_request())
-        .send()
-        .await
-        .unwrap();
-    first_chunk(&mut response).await;
-    assert!(server.metric(&client, "dllm_cache_pages_in_use").await > 0.0);
-    drop(response);
+        .json(&with(
+            long_request(),
+            json!({ "stream": stream, "stream_steps": stream }),
+        ))
+        .send();
+    if stream {
+        let mut response = request.await.unwrap();
+        first_chunk(&mut response).await;
+        assert!(server.metric(&client, "dllm_cache_pages_in_use").await > 0.0);
+        drop(response);
+    } else {
+        let waiting = tokio::spawn(request);
+        let started = Instant::now();
+        while server.metric(&client, "dllm_cache_pages_in_use").await == 0.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the request took no pages within a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Aborting the client's task closes its connection.
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+    }
     let limit = Duration::from_secs(30);
     server
         .await_metric(&client, "dllm_cache_pages_in_use", 0.0, limit)
@@ -631,7 +649,20 @@ async fn a_client_that_goes_away_frees_its_cache_pages() {
             .await,
         0.0
     );
-    assert_eq!(server.metric(&client, "dllm_requests_in_flight").await, 0.0);
+    // Its place is given back once the engine has reported the cancellation.
+    server
+        .await_metric(&client, "dllm_requests_in_flight", 0.0, limit)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_client_that_goes_away_frees_its_cache_pages() {
+    check_a_client_that_goes_away(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_client_that_goes_away_frees_its_cache_pages() {
+    check_a_client_that_goes_away(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
