@@ -113,31 +113,48 @@ pub fn model(config: ModelConfig, seed: u64) -> Model {
 /// Like [`model`], the bf16 weights then converted to `format` one tensor
 /// at a time, so that no copy of the whole model in another format exists
 /// beside them (an 8B model is 16 GB in bf16).
+///
+/// Converting goes through two scratch buffers (the bf16 draw and its f32
+/// widening) kept across tensors: a page fault costs microseconds on a
+/// loaded VM, and fresh buffers for every matrix of an 8B model meant
+/// faulting in 16 GB of bf16 and 32 GB of f32 temporaries (the widening
+/// was also one thread).
 pub fn model_in(config: ModelConfig, seed: u64, format: WeightFormat) -> Model {
+    let mut drawn: Vec<u8> = Vec::new();
+    let mut widened: Vec<f32> = Vec::new();
     let tensors = expected_tensors(&config)
         .into_iter()
         .enumerate()
         .flat_map(|(index, (name, shape))| {
-            let bytes = if shape.len() == 1 && !name.ends_with(".bias") {
-                bytemuck::cast_slice(&vec![bf16::ONE; shape[0]]).to_vec()
-            } else {
-                let fan_in = *shape.last().unwrap() as f32;
-                let bound = (3.0 / fan_in).sqrt();
-                random_bf16(
-                    shape.iter().product(),
-                    bound,
-                    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                )
+            let len: usize = shape.iter().product();
+            let seed = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let ones = shape.len() == 1 && !name.ends_with(".bias");
+            let fill = |bytes: &mut [u8]| {
+                if ones {
+                    for pair in bytes.chunks_exact_mut(2) {
+                        pair.copy_from_slice(&bf16::ONE.to_le_bytes());
+                    }
+                } else {
+                    let fan_in = *shape.last().unwrap() as f32;
+                    random_bf16(bytes, (3.0 / fan_in).sqrt(), seed);
+                }
             };
             if format == WeightFormat::BF16 {
+                // The model keeps these bytes: drawn straight into them.
+                let mut bytes = vec![0u8; 2 * len];
+                fill(&mut bytes);
                 return vec![(name, Dtype::BF16, shape, bytes)];
             }
-            let values: Vec<f32> = bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect();
+            drawn.resize(2 * len, 0);
+            fill(&mut drawn);
+            widened.clear();
+            widened.par_extend(
+                drawn
+                    .par_chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            );
             let quantizable = is_quantizable(&config, &name, &shape);
-            convert_tensor(name, shape, &values, format, quantizable)
+            convert_tensor(name, shape, &widened, format, quantizable)
         })
         .collect();
     Model {
@@ -150,26 +167,25 @@ pub fn model_in(config: ModelConfig, seed: u64, format: WeightFormat) -> Model {
     }
 }
 
-/// Uniform values in [-bound, bound) from SplitMix64, one stream per chunk so
-/// the result does not depend on the thread count.
-fn random_bf16(len: usize, bound: f32, seed: u64) -> Vec<u8> {
+/// Fills `out` with little-endian bf16 values uniform in [-bound, bound)
+/// from SplitMix64, one stream per chunk of values so the result does not
+/// depend on the thread count.
+fn random_bf16(out: &mut [u8], bound: f32, seed: u64) {
     const CHUNK: usize = 1 << 16;
-    let mut out = vec![bf16::ZERO; len];
-    out.par_chunks_mut(CHUNK)
+    out.par_chunks_mut(2 * CHUNK)
         .enumerate()
         .for_each(|(chunk, values)| {
             let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            for v in values {
+            for v in values.chunks_exact_mut(2) {
                 state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
                 let mut z = state;
                 z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
                 z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
                 z ^= z >> 31;
                 let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
-                *v = bf16::from_f32((2.0 * unit - 1.0) * bound);
+                v.copy_from_slice(&bf16::from_f32((2.0 * unit - 1.0) * bound).to_le_bytes());
             }
         });
-    bytemuck::cast_slice(&out).to_vec()
 }
 
 /// Seeded random prompt ids below the special tokens.
