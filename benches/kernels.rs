@@ -4,7 +4,10 @@
 //!   512/1024/2048 prefix slots plus the block; throughput in flop
 //!   (criterion's "elements"), 4 · queries · slots · d_model each;
 //! - confidence: 32 rows of 126464 logits; bytes read;
-//! - kv_update: a block (32) and a full forward (1024); bytes moved.
+//! - kv_update: a block (32) and a full forward (1024); bytes moved;
+//! - dequant_gemm: LLaDA-8B's o (4096 inputs) and down (12288) projections,
+//!   int8 and 4-bit in groups of 128, at 1, 8, 32 and 64 rows; weight bytes
+//!   read (values and scales), so its GB/s compares with the floor directly.
 //!
 //! Compare with the floors of DESIGN §4 measured on the same card (about
 //! 3.0 TB/s on an H100). Without a GPU, or in a build without kernels, this
@@ -16,8 +19,10 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use dllm::cuda::cudarc::driver::sys::CUevent_flags;
 use dllm::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
 use dllm::cuda::{
-    inv_freq, AttentionScratch, Gpu, Heads, RaggedAttention, RaggedDevice, RowStats, SequenceShape,
+    inv_freq, AttentionScratch, Gpu, Heads, QuantizedMatrix, RaggedAttention, RaggedDevice,
+    RowStats, SequenceShape,
 };
+use dllm::quant::Quantization;
 use half::bf16;
 
 const LLADA: Heads = Heads {
@@ -43,6 +48,7 @@ fn main() {
     attention(&mut c, &gpu);
     confidence(&mut c, &gpu);
     kv_update(&mut c, &gpu);
+    dequant_gemm(&mut c, &gpu);
     c.final_summary();
 }
 
@@ -186,6 +192,47 @@ fn kv_update(c: &mut Criterion, gpu: &Gpu) {
                 })
             })
         });
+    }
+    group.finish();
+}
+
+fn dequant_gemm(c: &mut Criterion, gpu: &Gpu) {
+    let mut group = c.benchmark_group("dequant_gemm (bytes = weights read)");
+    let out = LLADA.q_dim();
+    for (name, k) in [("o", LLADA.q_dim()), ("down", 12288)] {
+        for q in [Quantization::Int8, Quantization::Int4 { group: 128 }] {
+            let encoding = q.encoding();
+            let (values, scales) = (out * encoding.row_bytes(k), out * encoding.row_scales(k));
+            let w = QuantizedMatrix::new(
+                name,
+                encoding,
+                [out, k],
+                device(gpu, (0..values).map(|i| (i * 37 % 251) as u8).collect()),
+                device(gpu, pattern(scales, 0.01).collect()),
+            )
+            .unwrap();
+            group.throughput(Throughput::BytesDecimal((values + scales * 4) as u64));
+            for rows in [1, 8, 32, 64] {
+                let x = device(gpu, pattern(rows * k, 1.0).map(bf16::from_f32).collect());
+                let mut y = gpu.stream.alloc_zeros::<f32>(rows * out).unwrap();
+                let id = BenchmarkId::new(format!("{name} [{out}, {k}] {q:?}"), rows);
+                group.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        device_time(gpu, iters, || {
+                            gpu.kernels
+                                .dequant_gemm(
+                                    &gpu.stream,
+                                    &mut y.as_view_mut(),
+                                    &x.as_view(),
+                                    &w,
+                                    false,
+                                )
+                                .unwrap()
+                        })
+                    })
+                });
+            }
+        }
     }
     group.finish();
 }

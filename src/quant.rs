@@ -103,7 +103,8 @@ impl Quantization {
         }
     }
 
-    fn encoding(self) -> Encoding {
+    /// How a row stored this way is laid out.
+    pub fn encoding(self) -> Encoding {
         match self {
             Quantization::Int8 => Encoding::Int8,
             Quantization::Int4 { group } => Encoding::Int4 { group },

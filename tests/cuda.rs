@@ -37,13 +37,15 @@ use std::sync::OnceLock;
 
 use common::golden_dir;
 use dllm::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats, SINGLE_PAGE};
+use dllm::convert::{convert, WeightFormat};
 use dllm::cpu::ops::{self, AttentionShape, Rope};
 use dllm::cpu::{CpuBackend, Rounding};
 use dllm::cuda::cudarc::driver::{CudaSlice, DeviceRepr};
 use dllm::cuda::{
-    inv_freq, AttentionScratch, CudaBackend, Driver, Gpu, Heads, QkNorm, RaggedAttention,
-    RaggedDevice, RowStats, SequenceShape,
+    inv_freq, AttentionScratch, CudaBackend, DeviceMatrix, Driver, Gpu, Heads, QkNorm,
+    QuantizedMatrix, RaggedAttention, RaggedDevice, RowStats, SequenceShape,
 };
+use dllm::quant::{self, Quantization};
 use dllm::{synthetic, CacheMode, DecodeOptions, Model, ModelConfig};
 use half::bf16;
 
@@ -772,6 +774,183 @@ fn gemm_matches_the_reference_and_accumulates() {
     }
 }
 
+/// The four stored formats the quantized kernels take.
+const QUANTIZATIONS: [Quantization; 4] = [
+    Quantization::Int8,
+    Quantization::Int4 { group: 32 },
+    Quantization::Int4 { group: 64 },
+    Quantization::Int4 { group: 128 },
+];
+
+/// `w` (`[rows, cols]`) quantized as `q` and uploaded as stored, with the
+/// weights the kernels multiply by: each dequantized value rounded to bf16,
+/// as the prefill path's cuBLASLt reads it (kernels/quant.cuh).
+fn quantized(
+    gpu: &Gpu,
+    w: &[f32],
+    [rows, cols]: [usize; 2],
+    q: Quantization,
+) -> (QuantizedMatrix, Vec<f32>) {
+    let stored = quant::quantize(w, rows, cols, q);
+    let mut weights = vec![0.0f32; rows * cols];
+    q.encoding()
+        .decode_rows(&stored.values, &stored.scales, cols, 0, &mut weights);
+    let matrix = QuantizedMatrix::new(
+        "w",
+        q.encoding(),
+        [rows, cols],
+        upload(gpu, &stored.values),
+        upload(gpu, &stored.scales),
+    )
+    .unwrap();
+    (matrix, round_bf16(&weights))
+}
+
+/// Every format, each row count a decode step may bring (1 to the kernel's
+/// 64), odd output counts (a block's columns cut short) and inputs that end
+/// in a partial chunk of 256. Both sides multiply the same bf16 values in
+/// f32 and differ only in summation order, hence F32; a wrong scale group,
+/// nibble order or sign is off by far more.
+#[test]
+fn dequant_gemm_matches_the_reference_and_accumulates() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    for q in QUANTIZATIONS {
+        for (m, k, n) in [(1, 384, 257), (7, 256, 33), (32, 640, 99), (64, 1152, 65)] {
+            let what = format!("{q:?}: [{m}, {k}] x [{n}, {k}]^T");
+            let x = rng.bf16_values(m * k, 1.0);
+            let (w, weights) = quantized(&gpu, &rng.values(n * k, 0.05), [n, k], q);
+            let x_dev = upload(&gpu, &to_bf16(&x));
+            let product = ops::linear(&x, &weights, m, k, n);
+
+            let mut y = poisoned_f32(&gpu, m * n);
+            gpu.kernels
+                .dequant_gemm(
+                    &gpu.stream,
+                    &mut y.as_view_mut(),
+                    &x_dev.as_view(),
+                    &w,
+                    false,
+                )
+                .unwrap();
+            let err = rel_err(&download(&gpu, &y), &product);
+            assert!(err < F32, "{what}: relative error {err}");
+
+            let residual = rng.values(m * n, 1.0);
+            let mut y = upload(&gpu, &residual);
+            gpu.kernels
+                .dequant_gemm(
+                    &gpu.stream,
+                    &mut y.as_view_mut(),
+                    &x_dev.as_view(),
+                    &w,
+                    true,
+                )
+                .unwrap();
+            let want: Vec<f32> = residual.iter().zip(&product).map(|(a, b)| a + b).collect();
+            let err = rel_err(&download(&gpu, &y), &want);
+            assert!(err < F32, "accumulating {what}: relative error {err}");
+        }
+    }
+}
+
+/// A quantized matrix's product with any number of rows: up to 64 through
+/// dequant_gemm; more through the dequantized scratch and cuBLASLt, or,
+/// without a scratch large enough (a quantized head), through dequant_gemm
+/// 64 rows at a time.
+#[test]
+fn quantized_products_take_any_row_count() {
+    let (mut gpu, rng) = (gpu(), Rng::new());
+    let (k, n) = (256, 97);
+    let q = Quantization::Int4 { group: 64 };
+    let (w, weights) = quantized(&gpu, &rng.values(n * k, 0.05), [n, k], q);
+    let w = DeviceMatrix::Quantized(w);
+    let mut scratch = poisoned_bf16(&gpu, n * k);
+    for m in [64, 65, 150] {
+        let x = rng.bf16_values(m * k, 1.0);
+        let x_dev = upload(&gpu, &to_bf16(&x));
+        let product = ops::linear(&x, &weights, m, k, n);
+        for with_scratch in [true, false] {
+            let mut y = poisoned_f32(&gpu, m * n);
+            let scratch = with_scratch.then_some(&mut scratch);
+            w.product(
+                &mut gpu,
+                scratch,
+                &mut y.as_view_mut(),
+                &x_dev.as_view(),
+                false,
+            )
+            .unwrap();
+            let err = rel_err(&download(&gpu, &y), &product);
+            assert!(
+                err < F32,
+                "{m} rows, scratch {with_scratch}: relative error {err}"
+            );
+        }
+    }
+}
+
+/// The prefill path's matrix for cuBLASLt: bit for bit the rounded weights.
+#[test]
+fn dequantize_writes_the_rounded_weights() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    for q in QUANTIZATIONS {
+        let (rows, cols) = (67, 384);
+        let (w, weights) = quantized(&gpu, &rng.values(rows * cols, 0.05), [rows, cols], q);
+        let mut out = poisoned_bf16(&gpu, rows * cols);
+        gpu.kernels
+            .dequantize(&gpu.stream, &w, &mut out.as_view_mut())
+            .unwrap();
+        let got = to_f32(&download(&gpu, &out));
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != weights[i].to_bits()) {
+            panic!("{q:?}: weight {i} is {}, want {}", got[i], weights[i]);
+        }
+    }
+}
+
+/// What the kernels cannot take is refused on the host with the reason.
+#[test]
+fn dequant_gemm_refuses_what_it_cannot_take() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let (w, _) = quantized(
+        &gpu,
+        &rng.values(16 * 64, 1.0),
+        [16, 64],
+        Quantization::Int8,
+    );
+    let x = upload(&gpu, &vec![bf16::ZERO; 65 * 64 + 8]);
+    let mut y = poisoned_f32(&gpu, 65 * 16);
+    let mut run = |rows: usize, offset: usize| {
+        gpu.kernels
+            .dequant_gemm(
+                &gpu.stream,
+                &mut y.slice_mut(..rows * 16),
+                &x.slice(offset..offset + rows * 64),
+                &w,
+                false,
+            )
+            .unwrap_err()
+            .to_string()
+    };
+    let err = run(65, 0);
+    assert!(err.contains("65 rows of x, more than the 64"), "{err}");
+    let err = run(1, 4);
+    assert!(err.contains("not on a 16-byte boundary"), "{err}");
+    let err = QuantizedMatrix::new(
+        "blk.0.down",
+        Quantization::Int8.encoding(),
+        [2, 72],
+        upload(&gpu, &[0u8; 144]),
+        upload(&gpu, &[1.0f32; 2]),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("blk.0.down") && err.contains("multiple of 16 inputs"),
+        "{err}"
+    );
+}
+
 /// A `CudaBackend` on the test device.
 fn cuda_backend(model: &Model) -> CudaBackend {
     CudaBackend::on(gpu(), model).unwrap()
@@ -1127,19 +1306,19 @@ impl Backend for Lockstep {
     }
 }
 
-/// Decodes each example with `options` on the CPU backend and through the
+/// Decodes each example with `model` and `options` on the CPU backend and through the
 /// CUDA backend (in lockstep with the rounding reference); the texts must be
 /// the same, and every step's statistics within the lockstep's bounds.
 /// Returns how many answers were right.
 fn decode_as_the_cpu_backend_does(
+    model: &Model,
     examples: &[(String, String)],
     name: &str,
     options: &DecodeOptions,
 ) -> usize {
-    let model = tiny_arith();
     let tokenizer = model.tokenizer.clone().unwrap();
-    let mut cpu = CpuBackend::new(&model).unwrap();
-    let mut both = Lockstep::new(&model);
+    let mut cpu = CpuBackend::new(model).unwrap();
+    let mut both = Lockstep::new(model);
     let mut correct = 0;
     for (prompt, answer) in examples {
         let ids = tokenizer.encode(prompt).unwrap();
@@ -1169,7 +1348,7 @@ fn decode_as_the_cpu_backend_does(
 /// the CPU backend.
 #[test]
 fn tiny_arith_eval_accuracy_through_cuda_is_the_cpu_backends() {
-    let examples = eval_examples(2);
+    let (model, examples) = (tiny_arith(), eval_examples(2));
     for (name, options) in [
         ("threshold-0.9", eval_options(CacheMode::None, Some(0.9))),
         (
@@ -1177,7 +1356,7 @@ fn tiny_arith_eval_accuracy_through_cuda_is_the_cpu_backends() {
             eval_options(CacheMode::Dual, Some(0.9)),
         ),
     ] {
-        let correct = decode_as_the_cpu_backend_does(&examples, name, &options);
+        let correct = decode_as_the_cpu_backend_does(&model, &examples, name, &options);
         eprintln!("{name}: {correct}/{} exact", examples.len());
         // The model is 96% exact on its set: a decode that got most of these
         // wrong on both backends would compare little.
@@ -1195,13 +1374,13 @@ fn tiny_arith_eval_accuracy_through_cuda_is_the_cpu_backends() {
 #[test]
 fn tiny_arith_baseline_decodes_as_on_the_cpu_backend() {
     let options = eval_options(CacheMode::None, None);
-    decode_as_the_cpu_backend_does(&eval_examples(1), "baseline", &options);
+    decode_as_the_cpu_backend_does(&tiny_arith(), &eval_examples(1), "baseline", &options);
 }
 
 #[test]
 fn tiny_arith_prefix_cache_decodes_as_on_the_cpu_backend() {
     let options = eval_options(CacheMode::Prefix, None);
-    decode_as_the_cpu_backend_does(&eval_examples(1), "prefix", &options);
+    decode_as_the_cpu_backend_does(&tiny_arith(), &eval_examples(1), "prefix", &options);
 }
 
 /// Streaming-dLLM: the prefix cache with a pruned suffix (non-contiguous
@@ -1214,7 +1393,56 @@ fn tiny_arith_streaming_decodes_as_on_the_cpu_backend() {
         early_exit: true,
         ..eval_options(CacheMode::Prefix, Some(0.9))
     };
-    decode_as_the_cpu_backend_does(&eval_examples(1), "streaming-w16", &options);
+    decode_as_the_cpu_backend_does(&tiny_arith(), &eval_examples(1), "streaming-w16", &options);
+}
+
+/// tiny-arith quantized at load, as `--weights int8` and `--weights int4`
+/// do. The CUDA backend keeps the quantized bytes (fewer device bytes than
+/// bf16), multiplies a decode step's rows with dequant_gemm and a first
+/// forward's (prompt and masked block, more than 64 rows) through the
+/// dequantized scratch and cuBLASLt, and must decode as the CPU backend does
+/// with the same weights, every step within the lockstep's bounds of the
+/// rounding reference (which rounds the dequantized weights to bf16 as both
+/// device paths do).
+#[test]
+fn tiny_arith_quantized_decodes_as_on_the_cpu_backend() {
+    let bf16_bytes = CudaBackend::weight_bytes(&tiny_arith()).unwrap();
+    for q in [Quantization::Int8, Quantization::Int4 { group: 32 }] {
+        let model = convert(tiny_arith(), WeightFormat::Quantized(q)).unwrap();
+        let bytes = CudaBackend::weight_bytes(&model).unwrap();
+        assert!(
+            bytes < bf16_bytes,
+            "{q:?}: {bytes} device bytes, bf16 {bf16_bytes}"
+        );
+        let options = eval_options(CacheMode::Dual, Some(0.9));
+        decode_as_the_cpu_backend_does(&model, &eval_examples(1), &q.name(), &options);
+    }
+}
+
+/// int8 rows the kernels cannot read in 16-byte segments (here the down
+/// projection's 72 inputs, LLaDA's `ff_out`) are refused at upload, naming the matrix; the CPU
+/// backend runs the same model.
+#[test]
+fn a_quantized_shape_the_kernels_cannot_take_is_a_clear_error() {
+    let config = ModelConfig {
+        d_model: 64,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        head_dim: 32,
+        ffn_hidden: 72,
+        vocab_size: 64,
+        mask_id: Some(62),
+        eos_id: Some(63),
+        ..synthetic::preset("llada-8b").unwrap()
+    };
+    let model = synthetic::model_in(config, 7, WeightFormat::Quantized(Quantization::Int8));
+    assert!(CpuBackend::new(&model).is_ok());
+    let err = CudaBackend::on(gpu(), &model).err().unwrap().to_string();
+    assert!(
+        err.contains("blocks.0.ff_out.weight") && err.contains("multiple of 16 inputs"),
+        "{err}"
+    );
 }
 
 #[test]

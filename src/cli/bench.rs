@@ -177,6 +177,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let weights_bytes = model.checkpoint.total_bytes();
     let streamed_bytes = model.tensors()?.streamed_bytes();
+    // What the weights take in GPU memory: smaller than bf16 when quantized.
+    let device_weight_bytes = (device == Device::Cuda)
+        .then(|| dllm::cuda::CudaBackend::weight_bytes(&model))
+        .transpose()?;
     let floor_ms = bandwidth.map(|b| streamed_bytes as f64 / b * 1e3);
     let most = args.batch.iter().copied().max().unwrap_or(1) as usize;
     let prompts: Vec<Vec<u32>> = (0..most as u64)
@@ -211,9 +215,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             base.steps
         );
         println!(
-            "# weights {} ({} read by every forward){}",
+            "# weights {} ({} read by every forward){}{}",
             human_bytes(weights_bytes),
             human_bytes(streamed_bytes),
+            device_weight_bytes.map_or(String::new(), |b| format!(
+                ", {} on the device",
+                human_bytes(b as u64)
+            )),
             match (bandwidth, floor_ms) {
                 (Some(b), Some(f)) => format!(
                     " | memory read {:.1} GB/s measured now: floor {f:.1} ms a forward",
@@ -285,6 +293,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         "mean_batch": run.mean_batch, "layer_gflops": gflops,
                         "model": model, "weights_bytes": weights_bytes,
                         "streamed_bytes": streamed_bytes,
+                        "device_weight_bytes": device_weight_bytes,
                         "read_bandwidth_bytes_per_s": bandwidth, "floor_ms": floor_ms,
                         "peak_rss_bytes": peak_rss_bytes(),
                     })

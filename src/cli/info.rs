@@ -71,6 +71,14 @@ pub fn run(arg: &ModelArg) -> anyhow::Result<()> {
         human_bytes(streamed)
     );
     println!(
+        "on a GPU       {} ({})",
+        human_bytes(dllm::cuda::CudaBackend::weight_bytes(&model)? as u64),
+        match model.quantization {
+            Some(_) => "the CUDA backend keeps the quantized bytes and scales, with a bf16 scratch for its largest layer matrix",
+            None => "the CUDA backend's bf16 matrices and f32 vectors",
+        }
+    );
+    println!(
         "special ids    mask {}, eos {}",
         opt(c.mask_id),
         opt(c.eos_id)

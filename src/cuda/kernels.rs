@@ -197,6 +197,11 @@ pub struct Kernels {
     silu_gate: CudaFunction,
     confidence: CudaFunction,
     moe_router: CudaFunction,
+    // Launched from quantized.rs, beside the matrices they read.
+    pub(super) dequant_gemm_int8: CudaFunction,
+    pub(super) dequant_gemm_int4: CudaFunction,
+    pub(super) dequantize_int8: CudaFunction,
+    pub(super) dequantize_int4: CudaFunction,
     /// Multiprocessor count, for sizing grids.
     pub sms: usize,
 }
@@ -211,6 +216,7 @@ impl Kernels {
                 .map_err(|e| Error::Device(format!("kernel {name}: {e}")))
         };
         let attention = module("attention")?;
+        let (dequant_gemm, dequantize) = (module("dequant_gemm")?, module("dequantize")?);
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -227,6 +233,10 @@ impl Kernels {
             silu_gate: function(&module("silu_gate")?, "silu_gate")?,
             confidence: function(&module("confidence")?, "confidence")?,
             moe_router: function(&module("moe_router")?, "moe_router")?,
+            dequant_gemm_int8: function(&dequant_gemm, "dequant_gemm_int8")?,
+            dequant_gemm_int4: function(&dequant_gemm, "dequant_gemm_int4")?,
+            dequantize_int8: function(&dequantize, "dequantize_int8")?,
+            dequantize_int4: function(&dequantize, "dequantize_int4")?,
             sms: sms as usize,
         })
     }
@@ -532,7 +542,7 @@ fn cache_extents(kernel: &str, k: usize, v: usize, heads: Heads) -> Result<usize
     Ok(slots)
 }
 
-fn extent(kernel: &str, buffer: &str, len: usize, want: usize) -> Result<()> {
+pub(super) fn extent(kernel: &str, buffer: &str, len: usize, want: usize) -> Result<()> {
     if len == want {
         Ok(())
     } else {
@@ -548,7 +558,7 @@ pub(super) fn int(v: usize) -> Result<i32> {
         .map_err(|_| Error::Device(format!("size {v} exceeds the kernels' 32-bit indices")))
 }
 
-fn grid(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig> {
+pub(super) fn grid(x: usize, y: usize, z: usize, threads: u32) -> Result<LaunchConfig> {
     let dim = |v: usize, max: u32| {
         u32::try_from(v)
             .ok()

@@ -31,6 +31,8 @@ mod driver;
 mod gemm;
 mod graphs;
 pub mod kernels;
+mod linear;
+mod quantized;
 mod ragged;
 mod weights;
 
@@ -54,6 +56,8 @@ use graphs::{Graphs, Launch, Step};
 pub use kernels::{
     AttentionScratch, AttentionSplit, Heads, Kernels, QkNorm, RowStats, KERNELS_BUILT,
 };
+pub use linear::DeviceMatrix;
+pub use quantized::{QuantizedMatrix, DEQUANT_ROWS};
 pub use ragged::{QueryTile, RaggedAttention, RaggedDevice, SequenceDesc, SequenceShape};
 use weights::Weights;
 
@@ -194,7 +198,7 @@ impl CudaBackend {
             )));
         }
         let name = gpu.name()?;
-        let need = Weights::bytes(&config);
+        let need = Weights::bytes(model)?;
         let free = gpu.free_memory()?;
         if need > free {
             return Err(out_of_memory(
@@ -214,6 +218,13 @@ impl CudaBackend {
             activations: None,
             graphs: Graphs::new(),
         })
+    }
+
+    /// Device bytes `model`'s weights take on the CUDA backend: bf16
+    /// matrices, or quantized ones as stored with a bf16 scratch for the
+    /// largest layer matrix. Needs no device.
+    pub fn weight_bytes(model: &Model) -> Result<usize> {
+        Weights::bytes(model)
     }
 
     fn heads(&self) -> Heads {
@@ -339,33 +350,31 @@ impl CudaBackend {
         let a = activations.as_mut().expect("reserve() allocated them");
         let (n, d, f) = (step.tokens(), c.d_model, c.ffn_hidden);
         let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
-        let (stream, k) = (&gpu.stream, &gpu.kernels);
-
-        k.embed(
-            stream,
+        gpu.kernels.embed(
+            &gpu.stream,
             &weights.embed.as_view(),
             &a.tokens.slice(..n),
             &mut a.x.slice_mut(..n * d),
             d,
         )?;
         for (l, layer) in weights.layers.iter().enumerate() {
-            k.rms_norm(
-                stream,
+            gpu.kernels.rms_norm(
+                &gpu.stream,
                 &a.x.slice(..n * d),
                 &layer.attn_norm.as_view(),
                 &mut a.normed.slice_mut(..n * d),
                 eps,
             )?;
-            gpu.gemm.matmul(
+            layer.qkv.product(
+                gpu,
+                weights.scratch.as_mut(),
                 &mut a.qkv.slice_mut(..n * qkv_dim),
                 &a.normed.slice(..n * d),
-                &layer.qkv.as_view(),
-                d,
                 false,
             )?;
             let bias = layer.qkv_bias.as_ref().map(|bias| bias.as_view());
-            k.kv_update(
-                stream,
+            gpu.kernels.kv_update(
+                &gpu.stream,
                 &mut a.qkv.slice_mut(..n * qkv_dim),
                 bias.as_ref(),
                 None,
@@ -376,8 +385,8 @@ impl CudaBackend {
                 &mut cache.values[l].as_view_mut(),
                 heads,
             )?;
-            k.attention(
-                stream,
+            gpu.kernels.attention(
+                &gpu.stream,
                 &a.qkv.slice(..n * qkv_dim),
                 &cache.keys[l].as_view(),
                 &cache.values[l].as_view(),
@@ -386,39 +395,39 @@ impl CudaBackend {
                 &a.ragged,
                 heads,
             )?;
-            gpu.gemm.matmul(
+            layer.o.product(
+                gpu,
+                weights.scratch.as_mut(),
                 &mut a.x.slice_mut(..n * d),
                 &a.attn.slice(..n * d),
-                &layer.o.as_view(),
-                d,
                 true,
             )?;
 
-            k.rms_norm(
-                stream,
+            gpu.kernels.rms_norm(
+                &gpu.stream,
                 &a.x.slice(..n * d),
                 &layer.ffn_norm.as_view(),
                 &mut a.normed.slice_mut(..n * d),
                 eps,
             )?;
-            gpu.gemm.matmul(
+            layer.gate_up.product(
+                gpu,
+                weights.scratch.as_mut(),
                 &mut a.gate_up.slice_mut(..n * 2 * f),
                 &a.normed.slice(..n * d),
-                &layer.gate_up.as_view(),
-                d,
                 false,
             )?;
-            k.silu_gate(
-                stream,
+            gpu.kernels.silu_gate(
+                &gpu.stream,
                 &a.gate_up.slice(..n * 2 * f),
                 &mut a.hidden.slice_mut(..n * f),
                 f,
             )?;
-            gpu.gemm.matmul(
+            layer.down.product(
+                gpu,
+                weights.scratch.as_mut(),
                 &mut a.x.slice_mut(..n * d),
                 &a.hidden.slice(..n * f),
-                &layer.down.as_view(),
-                f,
                 true,
             )?;
         }
@@ -451,11 +460,11 @@ impl CudaBackend {
     fn head(&mut self, rows: Range<usize>) -> Result<()> {
         let (d, vocab) = (self.config.d_model, self.config.vocab_size);
         let a = self.activations.as_mut().expect("reserve() allocated them");
-        self.gpu.gemm.matmul(
+        self.weights.head.product(
+            &mut self.gpu,
+            self.weights.scratch.as_mut(),
             &mut a.logits.slice_mut(..rows.len() * vocab),
             &a.normed.slice(rows.start * d..rows.end * d),
-            &self.weights.head.as_view(),
-            d,
             false,
         )
     }
