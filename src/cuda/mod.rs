@@ -16,6 +16,8 @@
 //!   x   += attn · Woᵀ                                 cuBLASLt, beta = 1
 //!   gu   = rms_norm(x) · Wgate|upᵀ                    rms_norm.cu + cuBLASLt
 //!   x   += (silu(g) * u) · Wdownᵀ                     silu_gate.cu + cuBLASLt, beta = 1
+//!   (an MoE layer: the shared expert's output apart, then the routed
+//!    experts and the sum into x, in moe.rs)
 //! rows: logits = rms_norm(x[rows]) · Wheadᵀ           every pass's rows together, in chunks of HEAD_ROWS
 //!       stats  = confidence(logits)                   confidence.cu: 16 bytes a row
 //! ```
@@ -31,6 +33,7 @@ mod driver;
 mod gemm;
 mod graphs;
 pub mod kernels;
+mod moe;
 mod ragged;
 mod weights;
 
@@ -39,7 +42,8 @@ use std::sync::Arc;
 
 pub use cudarc;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
+use half::bf16;
 
 use crate::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats};
 use crate::config::ModelConfig;
@@ -55,7 +59,7 @@ pub use kernels::{
     AttentionScratch, AttentionSplit, Heads, Kernels, QkNorm, RowStats, KERNELS_BUILT,
 };
 pub use ragged::{QueryTile, RaggedAttention, RaggedDevice, SequenceDesc, SequenceShape};
-use weights::Weights;
+use weights::{Layer, Weights};
 
 /// The oldest driver API that loads kernels built by nvcc 13.0.
 const MIN_DRIVER: i32 = 13000;
@@ -182,10 +186,8 @@ impl CudaBackend {
     /// Uploads the model's weights to `gpu`.
     pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
-        if config.family == crate::config::Family::Llada2 {
-            return Err(Error::Device(
-                "the CUDA backend does not run llada2_moe models yet (routed experts, QK-norm, partial RoPE): use --device cpu".into(),
-            ));
+        if let Some(moe) = &config.moe {
+            kernels::check_router(moe)?;
         }
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
@@ -337,18 +339,18 @@ impl CudaBackend {
         } = self;
         let cache = cache.as_mut().expect("validate_batch() saw a cache");
         let a = activations.as_mut().expect("reserve() allocated them");
-        let (n, d, f) = (step.tokens(), c.d_model, c.ffn_hidden);
+        let (n, d) = (step.tokens(), c.d_model);
         let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
-        let (stream, k) = (&gpu.stream, &gpu.kernels);
-
-        k.embed(
-            stream,
+        gpu.kernels.embed(
+            &gpu.stream,
             &weights.embed.as_view(),
             &a.tokens.slice(..n),
             &mut a.x.slice_mut(..n * d),
             d,
         )?;
         for (l, layer) in weights.layers.iter().enumerate() {
+            // Borrowed per layer: the feed-forward half takes all of gpu.
+            let (stream, k) = (&gpu.stream, &gpu.kernels);
             k.rms_norm(
                 stream,
                 &a.x.slice(..n * d),
@@ -364,11 +366,16 @@ impl CudaBackend {
                 false,
             )?;
             let bias = layer.qkv_bias.as_ref().map(|bias| bias.as_view());
+            let qk_norm = layer.qk_norm.as_ref().map(|[q, k]| QkNorm {
+                q: q.as_view(),
+                k: k.as_view(),
+                eps,
+            });
             k.kv_update(
                 stream,
                 &mut a.qkv.slice_mut(..n * qkv_dim),
                 bias.as_ref(),
-                None,
+                qk_norm.as_ref(),
                 &a.positions.slice(..n),
                 &a.slots.slice(..n),
                 &weights.inv_freq.as_view(),
@@ -401,26 +408,35 @@ impl CudaBackend {
                 &mut a.normed.slice_mut(..n * d),
                 eps,
             )?;
-            gpu.gemm.matmul(
-                &mut a.gate_up.slice_mut(..n * 2 * f),
-                &a.normed.slice(..n * d),
-                &layer.gate_up.as_view(),
-                d,
-                false,
-            )?;
-            k.silu_gate(
-                stream,
-                &a.gate_up.slice(..n * 2 * f),
-                &mut a.hidden.slice_mut(..n * f),
-                f,
-            )?;
-            gpu.gemm.matmul(
-                &mut a.x.slice_mut(..n * d),
-                &a.hidden.slice(..n * f),
-                &layer.down.as_view(),
-                f,
-                true,
-            )?;
+            let h = a.normed.slice(..n * d);
+            match &layer.routed {
+                None => mlp(
+                    gpu,
+                    layer,
+                    &h,
+                    (&mut a.gate_up, &mut a.hidden),
+                    &mut a.x.slice_mut(..n * d),
+                    true,
+                )?,
+                Some(experts) => {
+                    // The shared expert's output apart: the routed experts'
+                    // sum is added to it before the residual, as on the CPU.
+                    let b = a.moe.as_mut().expect("an MoE config allocates them");
+                    mlp(
+                        gpu,
+                        layer,
+                        &h,
+                        (&mut a.gate_up, &mut a.hidden),
+                        &mut b.shared.slice_mut(..n * d),
+                        false,
+                    )?;
+                    let moe = c
+                        .moe
+                        .as_ref()
+                        .expect("routed experts come from an MoE config");
+                    moe::forward(gpu, experts, moe, b, &h, &mut a.x.slice_mut(..n * d), d)?;
+                }
+            }
         }
         Ok(())
     }
@@ -534,8 +550,13 @@ impl Backend for CudaBackend {
     fn expect(&mut self, shapes: &PassShapes) -> Result<()> {
         let c = &self.config;
         let (d, f, qkv) = (c.d_model, c.ffn_hidden, self.heads().qkv_dim());
+        let mut products = vec![(d, qkv), (d, d), (d, 2 * f), (f, d)];
+        if let Some(moe) = &c.moe {
+            let shared = moe.shared_hidden();
+            products.extend([(d, moe.experts), (d, 2 * shared), (shared, d)]);
+        }
         for &n in &shapes.tokens {
-            for (k, m) in [(d, qkv), (d, d), (d, 2 * f), (f, d)] {
+            for &(k, m) in &products {
                 self.gpu.gemm.plan(n, k, m)?;
             }
         }
@@ -617,6 +638,41 @@ impl CudaBackend {
             }
         }
     }
+}
+
+/// `out (+)= (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ` of `layer`'s dense MLP (or
+/// shared expert) over the rows of `h`, through the `gate_up` and `hidden`
+/// buffers; `accumulate` adds to `out` (the residual) instead of writing it.
+fn mlp(
+    gpu: &mut Gpu,
+    layer: &Layer,
+    h: &CudaView<bf16>,
+    (gate_up, hidden): (&mut CudaSlice<f32>, &mut CudaSlice<bf16>),
+    out: &mut CudaViewMut<f32>,
+    accumulate: bool,
+) -> Result<()> {
+    let d = layer.ffn_norm.len();
+    let (n, f) = (h.len() / d, layer.down.len() / d);
+    gpu.gemm.matmul(
+        &mut gate_up.slice_mut(..n * 2 * f),
+        h,
+        &layer.gate_up.as_view(),
+        d,
+        false,
+    )?;
+    gpu.kernels.silu_gate(
+        &gpu.stream,
+        &gate_up.slice(..n * 2 * f),
+        &mut hidden.slice_mut(..n * f),
+        f,
+    )?;
+    gpu.gemm.matmul(
+        out,
+        &hidden.slice(..n * f),
+        &layer.down.as_view(),
+        f,
+        accumulate,
+    )
 }
 
 /// An [`Error::Device`] for a failed driver call; out-of-memory gets its own wording.

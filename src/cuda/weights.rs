@@ -4,7 +4,9 @@
 //!
 //! Projections that read the same input are concatenated along their output
 //! rows, so each layer runs three input GEMMs fewer: q|k|v is one
-//! `[d + 2 kv, d]` matrix and gate|up one `[2 f, d]` matrix.
+//! `[d + 2 kv, d]` matrix and gate|up one `[2 f, d]` matrix. An MoE layer's
+//! routed experts are stacked into one gate|up and one down matrix, expert
+//! after expert, which the grouped GEMM (kernels/moe_experts.cu) indexes.
 
 use crate::cpu::ops::inv_freq;
 use std::sync::Arc;
@@ -13,10 +15,11 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
 use super::driver_error;
+use super::moe::Experts;
 use crate::checkpoint::TensorView;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::Model;
+use crate::model::{Model, RoutedExperts};
 use crate::progress::Progress;
 use crate::quant::{Encoding, MatrixView};
 
@@ -25,10 +28,15 @@ pub struct Layer {
     pub qkv: CudaSlice<bf16>,
     /// bq|bk|bv, matching the columns of `qkv`'s output (Dream only).
     pub qkv_bias: Option<CudaSlice<f32>>,
+    /// q and k RMSNorm weights, `[head_dim]` each (LLaDA2 only).
+    pub qk_norm: Option<[CudaSlice<f32>; 2]>,
     pub o: CudaSlice<bf16>,
     pub ffn_norm: CudaSlice<f32>,
+    /// The dense MLP, or an MoE layer's shared expert.
     pub gate_up: CudaSlice<bf16>,
     pub down: CudaSlice<bf16>,
+    /// An MoE layer's router and routed experts.
+    pub routed: Option<Experts>,
 }
 
 pub struct Weights {
@@ -68,10 +76,18 @@ impl Weights {
                         .as_ref()
                         .map(|[q, k, v]| up.vector(&[q, k, v]))
                         .transpose()?,
+                    qk_norm: l
+                        .qk_norm
+                        .as_ref()
+                        .map(|[q, k]| {
+                            Ok::<_, crate::error::Error>([up.vector(&[q])?, up.vector(&[k])?])
+                        })
+                        .transpose()?,
                     o: up.matrix(&[&l.o])?,
                     ffn_norm: up.vector(&[&l.ffn_norm])?,
                     gate_up: up.matrix(&[&l.gate, &l.up])?,
                     down: up.matrix(&[&l.down])?,
+                    routed: l.routed.as_ref().map(|r| up.experts(r)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -124,6 +140,20 @@ impl Upload<'_> {
             at += host.len();
         }
         Ok(device)
+    }
+
+    /// The router (bf16 like every matrix) and the experts stacked: gate
+    /// and up of each expert in turn, then every down.
+    fn experts(&self, routed: &RoutedExperts) -> Result<Experts> {
+        let gate_up: Vec<&MatrixView> =
+            routed.experts.iter().flat_map(|[g, u, _]| [g, u]).collect();
+        let down: Vec<&MatrixView> = routed.experts.iter().map(|[_, _, down]| down).collect();
+        Ok(Experts {
+            router: self.matrix(&[&routed.router])?,
+            expert_bias: self.vector(&[&routed.expert_bias])?,
+            gate_up: self.matrix(&gate_up)?,
+            down: self.matrix(&down)?,
+        })
     }
 
     /// The concatenation of `parts`, as f32 (norm weights and biases: a few
