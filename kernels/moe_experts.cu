@@ -27,6 +27,16 @@
 constexpr int MAX_EXPERTS = 1024;
 constexpr int SORT_THREADS = 256;
 
+// Copies choices base .. base + SORT_THREADS into chunk for the whole block
+// (after the block is done with the previous chunk); returns how many are real.
+__device__ __forceinline__ int stage(unsigned* chunk, const unsigned* experts, int base,
+                                     int slots) {
+  __syncthreads();
+  chunk[threadIdx.x] = base + (int)threadIdx.x < slots ? experts[base + threadIdx.x] : ~0u;
+  __syncthreads();
+  return min(SORT_THREADS, slots - base);
+}
+
 // Each thread owns experts tid, tid + SORT_THREADS, ...: it counts the
 // choices of its experts, then writes their entries in slot order (so a
 // row's place in its expert's list is stable), reading the choices in
@@ -42,10 +52,7 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
   const int tid = threadIdx.x;
   for (int e = tid; e < n_experts; e += SORT_THREADS) next[e] = 0;
   for (int base = 0; base < slots; base += SORT_THREADS) {
-    __syncthreads();
-    chunk[tid] = base + tid < slots ? experts[base + tid] : ~0u;
-    __syncthreads();
-    const int len = min(SORT_THREADS, slots - base);
+    const int len = stage(chunk, experts, base, slots);
     for (int e = tid; e < n_experts; e += SORT_THREADS)
       for (int i = 0; i < len; ++i) next[e] += chunk[i] == (unsigned)e;
   }
@@ -61,10 +68,7 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
     offsets[n_experts] = at;
   }
   for (int base = 0; base < slots; base += SORT_THREADS) {
-    __syncthreads();
-    chunk[tid] = base + tid < slots ? experts[base + tid] : ~0u;
-    __syncthreads();
-    const int len = min(SORT_THREADS, slots - base);
+    const int len = stage(chunk, experts, base, slots);
     for (int e = tid; e < n_experts; e += SORT_THREADS)
       for (int i = 0; i < len; ++i)
         if (chunk[i] == (unsigned)e) {

@@ -316,12 +316,7 @@ impl Kernels {
         if let Some(norm) = qk_norm {
             extent("kv_update", "q_norm", norm.q.len(), heads.head_dim)?;
             extent("kv_update", "k_norm", norm.k.len(), heads.head_dim)?;
-            if heads.heads + heads.kv_heads > KV_UPDATE_NORMED_HEADS {
-                return Err(Error::Device(format!(
-                    "kv_update: QK-norm of {} heads, more than the {KV_UPDATE_NORMED_HEADS} the kernel holds",
-                    heads.heads + heads.kv_heads
-                )));
-            }
+            check_qk_norm(heads)?;
         }
         cache_extents("kv_update", k_cache.len(), v_cache.len(), heads)?;
         let null: u64 = 0;
@@ -627,6 +622,17 @@ pub fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>
                  the driver must support CUDA 13.0"
             ))
         })
+}
+
+/// Whether kv_update can QK-norm a row of `heads`.
+pub fn check_qk_norm(heads: Heads) -> Result<()> {
+    if heads.heads + heads.kv_heads > KV_UPDATE_NORMED_HEADS {
+        return Err(Error::Device(format!(
+            "kv_update: QK-norm of {} heads, more than the {KV_UPDATE_NORMED_HEADS} the kernel holds",
+            heads.heads + heads.kv_heads
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the router kernel (and the expert sort) can hold `moe`'s

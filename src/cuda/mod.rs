@@ -186,14 +186,22 @@ impl CudaBackend {
     /// Uploads the model's weights to `gpu`.
     pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
-        if let Some(moe) = &config.moe {
-            kernels::check_router(moe)?;
-        }
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
                 "head_dim {} has no attention kernel (32, 64 and 128 are built)",
                 config.head_dim
             )));
+        }
+        // What the kernels hold, checked before the weights go up.
+        if let Some(moe) = &config.moe {
+            kernels::check_router(moe)?;
+        }
+        if config.qk_norm {
+            kernels::check_qk_norm(Heads {
+                heads: config.n_heads,
+                kv_heads: config.n_kv_heads,
+                head_dim: config.head_dim,
+            })?;
         }
         let name = gpu.name()?;
         let need = Weights::bytes(&config);
