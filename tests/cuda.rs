@@ -35,7 +35,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use common::golden_dir;
+use common::{golden_dir, logits_error};
 use dllm::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats, SINGLE_PAGE};
 use dllm::cpu::ops::{self, AttentionShape, Rope};
 use dllm::cpu::{CpuBackend, Rounding};
@@ -235,9 +235,9 @@ fn physical(pages: &[u32], slot: usize, page_size: usize) -> usize {
     pages[slot / page_size] as usize * page_size + slot % page_size
 }
 
-#[test]
-fn moe_router_chooses_the_experts_of_the_cpu_reference() {
-    let (gpu, rng) = (gpu(), Rng::new());
+/// LLaDA2-mini's experts (256 in 8 groups, top 8) and the golden tiny
+/// model's (8 in 4 groups, top 2).
+fn moe_configs() -> [dllm::MoeConfig; 2] {
     let mini = synthetic::preset("llada2-mini").unwrap().moe.unwrap();
     let tiny = dllm::MoeConfig {
         experts: 8,
@@ -246,6 +246,13 @@ fn moe_router_chooses_the_experts_of_the_cpu_reference() {
         groups_per_token: 2,
         ..mini.clone()
     };
+    [mini, tiny]
+}
+
+#[test]
+fn moe_router_chooses_the_experts_of_the_cpu_reference() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let [mini, tiny] = moe_configs();
     let one = dllm::MoeConfig {
         experts_per_token: 1,
         ..tiny.clone()
@@ -321,14 +328,7 @@ fn sort_by_expert(choices: &[u32], experts: usize) -> (Vec<u32>, Vec<usize>) {
 #[test]
 fn moe_sort_groups_each_experts_rows_in_order() {
     let (gpu, rng) = (gpu(), Rng::new());
-    let mini = synthetic::preset("llada2-mini").unwrap().moe.unwrap();
-    let tiny = dllm::MoeConfig {
-        experts: 8,
-        experts_per_token: 2,
-        groups: 4,
-        groups_per_token: 2,
-        ..mini.clone()
-    };
+    let [mini, tiny] = moe_configs();
     // 300 rows of 8 choices: the choices span several of the kernel's chunks.
     for (moe, n) in [(mini, 300), (tiny, 37)] {
         let (e, k) = (moe.experts, moe.experts_per_token);
@@ -967,30 +967,6 @@ fn gemm_matches_the_reference_and_accumulates() {
 /// A `CudaBackend` on the test device.
 fn cuda_backend(model: &Model) -> CudaBackend {
     CudaBackend::on(gpu(), model).unwrap()
-}
-
-/// Per row of `[rows, vocab]` logits: max |got − want| over the row, relative
-/// to the row's largest |want|. Returns the worst row's (error, row).
-fn logits_error(got: &[f32], want: &[f32], vocab: usize) -> (f32, usize) {
-    assert_eq!(got.len(), want.len());
-    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!("logit {i} of {} is {}", got.len(), got[i]);
-    }
-    got.chunks_exact(vocab)
-        .zip(want.chunks_exact(vocab))
-        .map(|(g, w)| {
-            let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let diff = g
-                .iter()
-                .zip(w)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            diff / scale
-        })
-        .enumerate()
-        .fold(
-            (0.0, 0),
-            |worst, (r, e)| if e > worst.0 { (e, r) } else { worst },
-        )
 }
 
 // ---------------------------------------------------------------------------
