@@ -119,7 +119,8 @@ fn decode(backend: &mut dyn Backend, model: &Model, case: &Case) -> dllm::decode
 }
 
 /// Every fourth robust case (35 of 139, both samplers and every setting):
-/// all of them take the emulated device over ten minutes on two cores.
+/// 35 take the emulated device 13 minutes on two shared cores, all of them
+/// would take most of an hour.
 #[test]
 fn robust_cases_decode_through_cuda() {
     let model = bf16_model();

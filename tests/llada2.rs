@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::{block_logits, cases, golden_dir, ids, options_for, prompts, read_npy, read_npy_i32};
 use dllm::cpu::CpuBackend;
-use dllm::{Backend, Device, Engine, Model};
+use dllm::{Device, Engine, Model};
 use serde_json::{json, Value};
 
 const MODEL: &str = "llada2_tiny_s1";
