@@ -32,14 +32,14 @@ fn cuda(model: &Model) -> dllm::Result<CudaBackend> {
     CudaBackend::on(Gpu::open(driver)?, model)
 }
 
-/// A well-conditioned LLaDA2: random bf16 weights of variance 1/fan_in
+/// A well-conditioned LLaDA2 (with synthetic::model: random bf16 weights of variance 1/fan_in
 /// (activations keep unit scale), real head and expert layout at small
 /// width: 256 wide, 4 heads of 64 over 2 key/value heads rotating 32 dims,
 /// one dense layer and two MoE layers of 16 experts in 4 groups, top 4 of
-/// the best 2 groups.
-fn synthetic_llada2() -> Model {
+/// the best 2 groups).
+fn synthetic_config() -> dllm::ModelConfig {
     let mini = synthetic::preset("llada2-mini").unwrap();
-    let config = dllm::ModelConfig {
+    dllm::ModelConfig {
         d_model: 256,
         n_layers: 3,
         n_heads: 4,
@@ -59,8 +59,7 @@ fn synthetic_llada2() -> Model {
             ..mini.moe.clone().unwrap()
         }),
         ..mini
-    };
-    synthetic::model(config, 0x11ada2)
+    }
 }
 
 /// CUDA against the CPU backend with device rounding, a 64-token prompt and
@@ -79,7 +78,11 @@ fn synthetic_llada2() -> Model {
 #[test]
 fn block_logits_match_the_cpu_backend_rounding_as_the_device() {
     for (what, model, assert) in [
-        ("synthetic", synthetic_llada2(), true),
+        (
+            "synthetic",
+            synthetic::model(synthetic_config(), 0x11ada2),
+            true,
+        ),
         ("golden bf16", bf16_model(), false),
     ] {
         let c = &model.config;
@@ -252,26 +255,9 @@ fn llada2_requests_arriving_at_different_steps_decode_as_alone() {
 /// model when it is created, saying why, before any weight goes up.
 #[test]
 fn experts_beyond_the_router_kernel_are_a_clear_error() {
-    let mini = synthetic::preset("llada2-mini").unwrap();
-    let config = dllm::ModelConfig {
-        d_model: 64,
-        n_layers: 2,
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 32,
-        partial_rotary_dim: Some(16),
-        ffn_hidden: 64,
-        vocab_size: 64,
-        mask_id: Some(62),
-        eos_id: Some(63),
-        moe: Some(dllm::MoeConfig {
-            experts: 2048,
-            expert_hidden: 8,
-            experts_per_token: 2,
-            ..mini.moe.clone().unwrap()
-        }),
-        ..mini
-    };
+    let mut config = synthetic_config();
+    let moe = config.moe.as_mut().unwrap();
+    (moe.experts, moe.expert_hidden) = (2048, 8);
     let model = synthetic::model(config, 7);
     match cuda(&model) {
         Err(dllm::Error::Device(msg)) => assert!(
