@@ -32,11 +32,11 @@ fn cuda(model: &Model) -> dllm::Result<CudaBackend> {
     CudaBackend::on(Gpu::open(driver)?, model)
 }
 
-/// A well-conditioned LLaDA2 (with synthetic::model: random bf16 weights of variance 1/fan_in
-/// (activations keep unit scale), real head and expert layout at small
-/// width: 256 wide, 4 heads of 64 over 2 key/value heads rotating 32 dims,
-/// one dense layer and two MoE layers of 16 experts in 4 groups, top 4 of
-/// the best 2 groups).
+/// A well-conditioned LLaDA2 for synthetic::model (random bf16 weights of
+/// variance 1/fan_in: activations keep unit scale) with the real head and
+/// expert layout at small width: 256 wide, 4 heads of 64 over 2 key/value
+/// heads rotating 32 dims, one dense layer and two MoE layers of 16 experts
+/// in 4 groups, top 4 of the best 2 groups.
 fn synthetic_config() -> dllm::ModelConfig {
     let mini = synthetic::preset("llada2-mini").unwrap();
     dllm::ModelConfig {
