@@ -35,7 +35,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use common::golden_dir;
+use common::{golden_dir, logits_error};
 use dllm::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats, SINGLE_PAGE};
 use dllm::convert::{convert, WeightFormat};
 use dllm::cpu::ops::{self, AttentionShape, Rope};
@@ -237,9 +237,9 @@ fn physical(pages: &[u32], slot: usize, page_size: usize) -> usize {
     pages[slot / page_size] as usize * page_size + slot % page_size
 }
 
-#[test]
-fn moe_router_chooses_the_experts_of_the_cpu_reference() {
-    let (gpu, rng) = (gpu(), Rng::new());
+/// LLaDA2-mini's experts (256 in 8 groups, top 8) and the golden tiny
+/// model's (8 in 4 groups, top 2).
+fn moe_configs() -> [dllm::MoeConfig; 2] {
     let mini = synthetic::preset("llada2-mini").unwrap().moe.unwrap();
     let tiny = dllm::MoeConfig {
         experts: 8,
@@ -248,6 +248,13 @@ fn moe_router_chooses_the_experts_of_the_cpu_reference() {
         groups_per_token: 2,
         ..mini.clone()
     };
+    [mini, tiny]
+}
+
+#[test]
+fn moe_router_chooses_the_experts_of_the_cpu_reference() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let [mini, tiny] = moe_configs();
     let one = dllm::MoeConfig {
         experts_per_token: 1,
         ..tiny.clone()
@@ -280,6 +287,191 @@ fn moe_router_chooses_the_experts_of_the_cpu_reference() {
         let err = rel_err(&download(&gpu, &weights), &want.weights);
         assert!(err < F32, "{moe:?}: weights relative error {err}");
     }
+}
+
+/// `n` rows' choices of `k` distinct experts among `experts`, drawn so that
+/// some experts get many rows (more than a 16-row tile) and some none.
+fn random_choices(rng: &Rng, n: usize, k: usize, experts: usize) -> Vec<u32> {
+    let mut choices = Vec::with_capacity(n * k);
+    for _ in 0..n {
+        let mut row: Vec<u32> = Vec::with_capacity(k);
+        while row.len() < k {
+            // Half the draws among the first few experts: popular ones.
+            let e = if rng.below(2) == 0 {
+                rng.below(k + 2)
+            } else {
+                rng.below(experts - 1)
+            } as u32;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        choices.extend(row);
+    }
+    choices
+}
+
+/// The host's grouping of `choices` by expert: each expert's entries (row,
+/// choice) in row order, flattened, and where each expert's entries start.
+fn sort_by_expert(choices: &[u32], experts: usize) -> (Vec<u32>, Vec<usize>) {
+    let mut entries = Vec::new();
+    let mut offsets = vec![0];
+    for e in 0..experts as u32 {
+        entries.extend(
+            (0..choices.len())
+                .filter(|&s| choices[s] == e)
+                .map(|s| s as u32),
+        );
+        offsets.push(entries.len());
+    }
+    (entries, offsets)
+}
+
+#[test]
+fn moe_sort_groups_each_experts_rows_in_order() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let [mini, tiny] = moe_configs();
+    // 300 rows of 8 choices: the choices span several of the kernel's chunks.
+    for (moe, n) in [(mini, 300), (tiny, 37)] {
+        let (e, k) = (moe.experts, moe.experts_per_token);
+        let choices = random_choices(&rng, n, k, e);
+        let (mut offsets, mut sorted_rows, mut positions) = (
+            upload(&gpu, &vec![u32::MAX; e + 1]),
+            upload(&gpu, &vec![u32::MAX; n * k]),
+            upload(&gpu, &vec![u32::MAX; n * k]),
+        );
+        gpu.kernels
+            .moe_sort(
+                &gpu.stream,
+                &upload(&gpu, &choices).as_view(),
+                &mut offsets.as_view_mut(),
+                &mut sorted_rows.as_view_mut(),
+                &mut positions.as_view_mut(),
+                &moe,
+            )
+            .unwrap();
+        let (entries, want_offsets) = sort_by_expert(&choices, e);
+        let want_offsets: Vec<u32> = want_offsets.iter().map(|&o| o as u32).collect();
+        assert_eq!(download(&gpu, &offsets), want_offsets, "{moe:?}");
+        let want_rows: Vec<u32> = entries.iter().map(|&s| s / k as u32).collect();
+        assert_eq!(download(&gpu, &sorted_rows), want_rows, "{moe:?}");
+        let mut want_positions = vec![0u32; n * k];
+        for (at, &s) in entries.iter().enumerate() {
+            want_positions[s as usize] = at as u32;
+        }
+        assert_eq!(download(&gpu, &positions), want_positions, "{moe:?}");
+    }
+}
+
+#[test]
+fn moe_gemm_multiplies_each_experts_rows_by_its_weights() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    // k and m off the kernel's 32 and 64 tiles; 61 rows of 3 choices among
+    // 6 experts put more than 16 rows on the popular ones.
+    let (experts, k, m, n, top_k) = (6, 72, 100, 61, 3);
+    let choices = random_choices(&rng, n, top_k, experts);
+    let (entries, offsets) = sort_by_expert(&choices, experts);
+    let rows: Vec<u32> = entries.iter().map(|&s| s / top_k as u32).collect();
+    let a = rng.bf16_values(n * k, 1.0);
+    let w = rng.bf16_values(experts * m * k, 0.2);
+    // Expert e's product of input rows `a_row(i)`, in f64.
+    let reference = |a: &[f32], a_row: &dyn Fn(usize) -> usize| -> Vec<f32> {
+        let mut y = Vec::with_capacity(entries.len() * m);
+        for e in 0..experts {
+            for i in offsets[e]..offsets[e + 1] {
+                let x = &a[a_row(i) * k..][..k];
+                y.extend((0..m).map(|c| {
+                    let wc = &w[(e * m + c) * k..][..k];
+                    x.iter()
+                        .zip(wc)
+                        .map(|(&x, &w)| x as f64 * w as f64)
+                        .sum::<f64>() as f32
+                }));
+            }
+        }
+        y
+    };
+    let offsets_dev = upload(&gpu, &offsets.iter().map(|&o| o as u32).collect::<Vec<_>>());
+    let w_dev = upload(&gpu, &to_bf16(&w));
+    // Gathered through the row list (gate|up), then already in entry order
+    // (down): the same rows' products either way.
+    let gathered: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| a[r as usize * k..][..k].to_vec())
+        .collect();
+    for (input, a_rows, want) in [
+        (
+            &a,
+            Some(upload(&gpu, &rows)),
+            reference(&a, &|i| rows[i] as usize),
+        ),
+        (&gathered, None, reference(&gathered, &|i| i)),
+    ] {
+        let mut y = poisoned_f32(&gpu, entries.len() * m);
+        gpu.kernels
+            .moe_gemm(
+                &gpu.stream,
+                &upload(&gpu, &to_bf16(input)).as_view(),
+                a_rows.as_ref().map(|r| r.as_view()).as_ref(),
+                &w_dev.as_view(),
+                &offsets_dev.as_view(),
+                &mut y.as_view_mut(),
+                k,
+            )
+            .unwrap();
+        let err = rel_err(&download(&gpu, &y), &want);
+        assert!(
+            err < F32,
+            "gathered {}: relative error {err}",
+            a_rows.is_some()
+        );
+    }
+}
+
+#[test]
+fn moe_combine_adds_the_weighted_experts_and_the_shared_expert() {
+    let (gpu, rng) = (gpu(), Rng::new());
+    let (experts, n, top_k, d) = (16, 29, 4, 300);
+    let choices = random_choices(&rng, n, top_k, experts);
+    let (entries, _) = sort_by_expert(&choices, experts);
+    let mut positions = vec![0u32; n * top_k];
+    for (at, &s) in entries.iter().enumerate() {
+        positions[s as usize] = at as u32;
+    }
+    let y = rng.values(n * top_k * d, 2.0);
+    let weights = rng.values(n * top_k, 1.0);
+    let (shared, x) = (rng.values(n * d, 1.0), rng.values(n * d, 3.0));
+    // x is updated in place, so not poisoned: an element left unwritten
+    // keeps its old value, off by the whole sum.
+    let mut x_dev = upload(&gpu, &x);
+    gpu.kernels
+        .moe_combine(
+            &gpu.stream,
+            &upload(&gpu, &y).as_view(),
+            &upload(&gpu, &positions).as_view(),
+            &upload(&gpu, &choices).as_view(),
+            &upload(&gpu, &weights).as_view(),
+            &upload(&gpu, &shared).as_view(),
+            &mut x_dev.as_view_mut(),
+            top_k,
+        )
+        .unwrap();
+    // The CPU reference's order: experts ascending into zeros, then the
+    // shared expert, then the residual.
+    let mut want = x.clone();
+    for row in 0..n {
+        let mut order: Vec<usize> = (0..top_k).collect();
+        order.sort_by_key(|&j| choices[row * top_k + j]);
+        for c in 0..d {
+            let routed = order.iter().fold(0.0f32, |acc, &j| {
+                let slot = row * top_k + j;
+                acc + weights[slot] * y[positions[slot] as usize * d + c]
+            });
+            want[row * d + c] += shared[row * d + c] + routed;
+        }
+    }
+    let err = rel_err(&download(&gpu, &x_dev), &want);
+    assert!(err < F32, "relative error {err}");
 }
 
 #[test]
@@ -954,30 +1146,6 @@ fn dequant_gemm_refuses_what_it_cannot_take() {
 /// A `CudaBackend` on the test device.
 fn cuda_backend(model: &Model) -> CudaBackend {
     CudaBackend::on(gpu(), model).unwrap()
-}
-
-/// Per row of `[rows, vocab]` logits: max |got − want| over the row, relative
-/// to the row's largest |want|. Returns the worst row's (error, row).
-fn logits_error(got: &[f32], want: &[f32], vocab: usize) -> (f32, usize) {
-    assert_eq!(got.len(), want.len());
-    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!("logit {i} of {} is {}", got.len(), got[i]);
-    }
-    got.chunks_exact(vocab)
-        .zip(want.chunks_exact(vocab))
-        .map(|(g, w)| {
-            let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let diff = g
-                .iter()
-                .zip(w)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            diff / scale
-        })
-        .enumerate()
-        .fold(
-            (0.0, 0),
-            |worst, (r, e)| if e > worst.0 { (e, r) } else { worst },
-        )
 }
 
 // ---------------------------------------------------------------------------

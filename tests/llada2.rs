@@ -8,10 +8,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{cases, golden_dir, ids, options_for, prompts, read_npy, read_npy_i32};
-use dllm::backend::SINGLE_PAGE;
+use common::{block_logits, cases, golden_dir, ids, options_for, prompts, read_npy, read_npy_i32};
 use dllm::cpu::CpuBackend;
-use dllm::{Backend, Device, Engine, ForwardPass, Model};
+use dllm::{Device, Engine, Model};
 use serde_json::{json, Value};
 
 const MODEL: &str = "llada2_tiny_s1";
@@ -24,30 +23,14 @@ fn block_forward(
     tokens: &[u32],
     block: usize,
 ) -> (Vec<f32>, Vec<Vec<u32>>) {
-    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
-    backend.prepare(tokens.len()).unwrap();
-    let mut logits = Vec::new();
     let mut experts: Vec<Vec<u32>> = Vec::new();
-    for bs in (0..tokens.len()).step_by(block) {
-        let be = bs + block;
-        logits.extend(
-            backend
-                .logits_of(&ForwardPass {
-                    tokens: &tokens[bs..be],
-                    positions: &positions[bs..be],
-                    write_slot: bs,
-                    attend_len: be,
-                    rows: 0..block,
-                    pages: SINGLE_PAGE,
-                })
-                .unwrap(),
-        );
+    let logits = block_logits(backend, tokens, block, |backend| {
         let routing = backend.last_routing();
         experts.resize(routing.len(), Vec::new());
         for (all, layer) in experts.iter_mut().zip(routing) {
             all.extend_from_slice(&layer.experts);
         }
-    }
+    });
     (logits, experts)
 }
 

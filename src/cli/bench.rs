@@ -162,10 +162,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => args.model.open()?,
     };
     if model.config.family == Family::Llada2 {
-        anyhow::ensure!(
-            device == Device::Cpu,
-            "the CUDA backend does not run llada2_moe models yet: bench with --device cpu"
-        );
         let run = bench_llada2::Run {
             model_name: args.synthetic.as_deref().unwrap_or("from directory"),
             gen_length: args.gen_length,
@@ -173,7 +169,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             json: args.json,
         };
         let prompt = synthetic::random_prompt(args.prompt_length, &model.config, 2);
-        return run.bench(&model, &prompt, load_start.elapsed().as_secs_f64());
+        return run.bench(&model, device, &prompt, load_start.elapsed().as_secs_f64());
     }
     let weights_bytes = model.checkpoint.total_bytes();
     let streamed_bytes = model.tensors()?.streamed_bytes();

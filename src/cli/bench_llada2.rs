@@ -3,13 +3,17 @@
 //! expert that any of its tokens is sent to; the table gives the fraction of
 //! experts that is, per MoE layer, beside the floor (all tokens agreeing:
 //! `experts_per_token` of them) and the bytes those weights take in bf16, as
-//! a GPU reads them.
+//! a GPU reads them. On CUDA the routing stays on the device, so only the
+//! times are measured there and the expert columns read `-`.
 
 use std::time::Instant;
 
 use dllm::backend::CacheLayout;
-use dllm::cpu::CpuBackend;
-use dllm::{Backend, DecodeOptions, Editing, ForwardPass, Model, ModelConfig, MoeConfig, Sampler};
+use dllm::cpu::{CpuBackend, Routing};
+use dllm::cuda::CudaBackend;
+use dllm::{
+    Backend, DecodeOptions, Device, Editing, ForwardPass, Model, ModelConfig, MoeConfig, Sampler,
+};
 use serde_json::json;
 
 /// The request shape of one bench run.
@@ -32,18 +36,39 @@ struct ExpertUsage {
     most: usize,
 }
 
-/// The CPU backend, recording the routing of every forward.
-struct ExpertProbe {
-    backend: CpuBackend,
+/// The routing of a backend's last forward, where the backend reports it.
+trait Routed: Backend {
+    fn routing(&self) -> Option<&[Routing]>;
+}
+
+impl Routed for CpuBackend {
+    fn routing(&self) -> Option<&[Routing]> {
+        Some(self.last_routing())
+    }
+}
+
+/// The CUDA backend keeps the routing on the device.
+impl Routed for CudaBackend {
+    fn routing(&self) -> Option<&[Routing]> {
+        None
+    }
+}
+
+/// A backend, recording the routing of every forward where it can.
+struct ExpertProbe<B> {
+    backend: B,
     experts: usize,
     usage: ExpertUsage,
 }
 
-impl ExpertProbe {
+impl<B: Routed> ExpertProbe<B> {
     fn record(&mut self) {
+        let Some(routing) = self.backend.routing() else {
+            return;
+        };
         let u = &mut self.usage;
         u.forwards += 1;
-        for layer in self.backend.last_routing() {
+        for layer in routing {
             let mut seen = vec![false; self.experts];
             layer.experts.iter().for_each(|&e| seen[e as usize] = true);
             let touched = seen.iter().filter(|&&s| s).count();
@@ -54,9 +79,9 @@ impl ExpertProbe {
     }
 }
 
-/// Passes everything through to the CPU backend; its token statistics come
+/// Passes everything through to the backend; its token statistics come
 /// from `logits`, so every forward is recorded there.
-impl Backend for ExpertProbe {
+impl<B: Routed> Backend for ExpertProbe<B> {
     fn device_name(&self) -> String {
         self.backend.device_name()
     }
@@ -115,7 +140,26 @@ impl Run<'_> {
         ]
     }
 
-    pub fn bench(&self, model: &Model, prompt: &[u32], load_s: f64) -> anyhow::Result<()> {
+    pub fn bench(
+        &self,
+        model: &Model,
+        device: Device,
+        prompt: &[u32],
+        load_s: f64,
+    ) -> anyhow::Result<()> {
+        match device {
+            Device::Cpu => self.run(model, CpuBackend::new(model)?, prompt, load_s),
+            Device::Cuda => self.run(model, CudaBackend::new(model)?, prompt, load_s),
+        }
+    }
+
+    fn run<B: Routed>(
+        &self,
+        model: &Model,
+        backend: B,
+        prompt: &[u32],
+        load_s: f64,
+    ) -> anyhow::Result<()> {
         let config = &model.config;
         let moe = config
             .moe
@@ -125,7 +169,7 @@ impl Run<'_> {
             .filter(|&l| moe.is_moe_layer(l))
             .count();
         let mut probe = ExpertProbe {
-            backend: CpuBackend::new(model)?,
+            backend,
             experts: moe.experts,
             usage: ExpertUsage::default(),
         };
@@ -166,6 +210,7 @@ impl Run<'_> {
             let read_mib = per_layer * moe_layers as f64 * expert_bytes / (1 << 20) as f64;
             let floor_mib = floor_read_mib(config, moe, moe_layers);
             let range = format!("{}..{}", u.least.unwrap_or(0), u.most);
+            let measured = u.forwards > 0;
             if self.json {
                 println!(
                     "{}",
@@ -177,23 +222,36 @@ impl Run<'_> {
                         "nfe": out.nfe, "cache_fills": out.cache_fills.count, "total_s": total,
                         "step_ms": out.cached_forwards.mean_ms(), "fill_ms": out.cache_fills.mean_ms(),
                         "forwards": u.forwards,
-                        "experts_touched_per_layer": per_layer,
-                        "experts_touched_fraction": fraction,
-                        "experts_touched_min": u.least, "experts_touched_max": u.most,
+                        "experts_touched_per_layer": measured.then_some(per_layer),
+                        "experts_touched_fraction": measured.then_some(fraction),
+                        "experts_touched_min": u.least, "experts_touched_max": measured.then_some(u.most),
                         "floor_fraction": floor,
-                        "expert_mib_read_per_forward_bf16": read_mib,
+                        "expert_mib_read_per_forward_bf16": measured.then_some(read_mib),
                         "floor_expert_mib_per_forward_bf16": floor_mib,
                     })
                 );
             } else {
+                let experts = if measured {
+                    format!(
+                        "{:>8.1}% {range:>12} {:>10.1}% {read_mib:>7.0}/{floor_mib:.0}",
+                        fraction * 100.0,
+                        floor * 100.0
+                    )
+                } else {
+                    format!(
+                        "{:>9} {:>12} {:>10.1}% {:>7}/{floor_mib:.0}",
+                        "-",
+                        "-",
+                        floor * 100.0,
+                        "-"
+                    )
+                };
                 println!(
-                    "{name:<10} {:>5} {:>6} {total:>9.2} {:>10.1} {:>10.1} {:>8.1}% {range:>12} {:>10.1}% {read_mib:>7.0}/{floor_mib:.0}",
+                    "{name:<10} {:>5} {:>6} {total:>9.2} {:>10.1} {:>10.1} {experts}",
                     out.nfe,
                     out.cache_fills.count,
                     out.cached_forwards.mean_ms(),
                     out.cache_fills.mean_ms(),
-                    fraction * 100.0,
-                    floor * 100.0,
                 );
             }
         }

@@ -20,6 +20,7 @@ use half::bf16;
 use super::driver_error;
 use super::gemm::Gemm;
 use super::kernels::{AttentionScratch, RowStats};
+use super::moe;
 use super::ragged::RaggedDevice;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -103,7 +104,8 @@ pub struct Activations {
     pub qkv: CudaSlice<f32>,
     /// Attention output, `[tokens, d]`.
     pub attn: CudaSlice<bf16>,
-    /// Fused gate|up projection, `[tokens, 2 f]`.
+    /// Fused gate|up projection, `[tokens, 2 f]` (f the widest of the dense
+    /// MLP and the shared expert: [`mlp_width`]).
     pub gate_up: CudaSlice<f32>,
     /// SwiGLU output, `[tokens, f]`.
     pub hidden: CudaSlice<bf16>,
@@ -113,6 +115,16 @@ pub struct Activations {
     pub stats: CudaSlice<RowStats>,
     pub scratch: AttentionScratch,
     pub ragged: RaggedDevice,
+    /// The routed experts' buffers (MoE models only).
+    pub moe: Option<moe::Buffers>,
+}
+
+/// The widest MLP of the model's layers: the dense one, or an MoE layer's
+/// shared expert.
+pub fn mlp_width(c: &ModelConfig) -> usize {
+    c.moe
+        .as_ref()
+        .map_or(c.ffn_hidden, |m| c.ffn_hidden.max(m.shared_hidden()))
 }
 
 impl Activations {
@@ -121,7 +133,7 @@ impl Activations {
         c: &ModelConfig,
         capacity: Capacity,
     ) -> Result<Activations> {
-        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        let (d, kv, f) = (c.d_model, c.kv_dim(), mlp_width(c));
         let rows = capacity.tokens;
         let what = "the activations";
         Ok(Activations {
@@ -145,12 +157,17 @@ impl Activations {
             stats: stream.alloc_zeros(rows).map_err(driver_error(what))?,
             scratch: AttentionScratch::new(stream, capacity.scratch_rows, c.head_dim)?,
             ragged: RaggedDevice::new(stream, rows, capacity.pages)?,
+            moe: c
+                .moe
+                .as_ref()
+                .map(|m| moe::Buffers::new(stream, m, d, rows))
+                .transpose()?,
         })
     }
 
     /// Device bytes `new` allocates for `capacity`.
     pub fn bytes(c: &ModelConfig, capacity: &Capacity) -> usize {
-        let (d, kv, f) = (c.d_model, c.kv_dim(), c.ffn_hidden);
+        let (d, kv, f) = (c.d_model, c.kv_dim(), mlp_width(c));
         let per_row_f32 = d + (d + 2 * kv) + 2 * f;
         let per_row_bf16 = d + d + f;
         let rows = capacity.tokens;
@@ -159,6 +176,9 @@ impl Activations {
             + AttentionScratch::bytes(capacity.scratch_rows, c.head_dim)
             + RaggedDevice::bytes(rows, capacity.pages)
             + Gemm::workspace_bytes()
+            + c.moe
+                .as_ref()
+                .map_or(0, |m| moe::Buffers::bytes(m, d, rows))
     }
 }
 

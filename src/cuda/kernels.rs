@@ -37,13 +37,18 @@ const ATTENTION_THREADS: u32 = 128;
 const MIN_SPLIT_KEYS: usize = 4 * ATTENTION_KEYS;
 const CONFIDENCE_THREADS: u32 = 512;
 const ROW_THREADS: u32 = 256;
-/// The router's limits (kernels/moe_router.cu).
+/// The router's limits (kernels/moe_router.cu), which the expert sort
+/// (kernels/moe_experts.cu) shares.
 const ROUTER_MAX_EXPERTS: usize = 1024;
 const ROUTER_MAX_GROUPS: usize = 32;
 const ROUTER_MAX_TOP_K: usize = 32;
 /// Heads (q plus k) of a row QK-norm can handle (kernels/kv_update.cu
 /// `MAX_NORMED_HEADS`).
 const KV_UPDATE_NORMED_HEADS: usize = 256;
+/// Launch shapes of kernels/moe_experts.cu.
+const MOE_SORT_THREADS: u32 = 256;
+const MOE_GEMM_THREADS: u32 = 256;
+const MOE_GEMM_COLS: usize = 64;
 
 /// The head layout of attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +207,9 @@ pub struct Kernels {
     pub(super) dequant_gemm_int4: CudaFunction,
     pub(super) dequantize_int8: CudaFunction,
     pub(super) dequantize_int4: CudaFunction,
+    moe_sort: CudaFunction,
+    moe_gemm: CudaFunction,
+    moe_combine: CudaFunction,
     /// Multiprocessor count, for sizing grids.
     pub sms: usize,
 }
@@ -217,6 +225,7 @@ impl Kernels {
         };
         let attention = module("attention")?;
         let (dequant_gemm, dequantize) = (module("dequant_gemm")?, module("dequantize")?);
+        let experts = module("moe_experts")?;
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -237,6 +246,9 @@ impl Kernels {
             dequant_gemm_int4: function(&dequant_gemm, "dequant_gemm_int4")?,
             dequantize_int8: function(&dequantize, "dequantize_int8")?,
             dequantize_int4: function(&dequantize, "dequantize_int4")?,
+            moe_sort: function(&experts, "moe_sort")?,
+            moe_gemm: function(&experts, "moe_gemm")?,
+            moe_combine: function(&experts, "moe_combine")?,
             sms: sms as usize,
         })
     }
@@ -314,12 +326,7 @@ impl Kernels {
         if let Some(norm) = qk_norm {
             extent("kv_update", "q_norm", norm.q.len(), heads.head_dim)?;
             extent("kv_update", "k_norm", norm.k.len(), heads.head_dim)?;
-            if heads.heads + heads.kv_heads > KV_UPDATE_NORMED_HEADS {
-                return Err(Error::Device(format!(
-                    "kv_update: QK-norm of {} heads, more than the {KV_UPDATE_NORMED_HEADS} the kernel holds",
-                    heads.heads + heads.kv_heads
-                )));
-            }
+            check_qk_norm(heads)?;
         }
         cache_extents("kv_update", k_cache.len(), v_cache.len(), heads)?;
         let null: u64 = 0;
@@ -361,13 +368,8 @@ impl Kernels {
         weights: &mut CudaViewMut<f32>,
         moe: &MoeConfig,
     ) -> Result<()> {
+        check_router(moe)?;
         let (e, k) = (moe.experts, moe.experts_per_token);
-        if e > ROUTER_MAX_EXPERTS || moe.groups > ROUTER_MAX_GROUPS || k > ROUTER_MAX_TOP_K {
-            return Err(Error::Device(format!(
-                "moe_router: {e} experts in {} groups, top {k}: the kernel holds at most {ROUTER_MAX_EXPERTS} in {ROUTER_MAX_GROUPS}, top {ROUTER_MAX_TOP_K}",
-                moe.groups
-            )));
-        }
         let n = logits.len() / e;
         extent("moe_router", "logits", logits.len(), n * e)?;
         extent("moe_router", "expert_bias", expert_bias.len(), e)?;
@@ -387,6 +389,109 @@ impl Kernels {
             .arg(&k)
             .arg(&moe.routed_scaling);
         launch(args, "moe_router", grid(n, 1, 1, 32)?)
+    }
+
+    /// Sorts the router's choices (`experts`, `[n, top_k]`) by expert:
+    /// `offsets[e]..offsets[e + 1]` are expert e's entries, `sorted_rows[i]`
+    /// the token row of entry i, and `positions[row * top_k + j]` the entry
+    /// of the row's j-th choice. Within an expert, rows keep their order.
+    pub fn moe_sort(
+        &self,
+        stream: &CudaStream,
+        experts: &CudaView<u32>,
+        offsets: &mut CudaViewMut<u32>,
+        sorted_rows: &mut CudaViewMut<u32>,
+        positions: &mut CudaViewMut<u32>,
+        moe: &MoeConfig,
+    ) -> Result<()> {
+        check_router(moe)?;
+        let slots = experts.len();
+        extent("moe_sort", "offsets", offsets.len(), moe.experts + 1)?;
+        extent("moe_sort", "sorted_rows", sorted_rows.len(), slots)?;
+        extent("moe_sort", "positions", positions.len(), slots)?;
+        let (s, k, e) = (int(slots)?, int(moe.experts_per_token)?, int(moe.experts)?);
+        let mut args = stream.launch_builder(&self.moe_sort);
+        args.arg(experts).arg(&s).arg(&k).arg(&e);
+        args.arg(offsets).arg(sorted_rows).arg(positions);
+        launch(args, "moe_sort", grid(1, 1, 1, MOE_SORT_THREADS)?)
+    }
+
+    /// The grouped GEMM of the routed experts: `y[i] = a[r(i)] · w[e]ᵀ` for
+    /// each entry i of expert e (`offsets`, from [`Kernels::moe_sort`]), with
+    /// `r(i) = a_rows[i]`, or i when `a_rows` is None. `w` is `[experts, m,
+    /// k]`, `a` `[rows, k]`, `y` `[entries, m]`; every `a_rows` value must be
+    /// below `rows` (moe_sort's are).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gemm(
+        &self,
+        stream: &CudaStream,
+        a: &CudaView<bf16>,
+        a_rows: Option<&CudaView<u32>>,
+        w: &CudaView<bf16>,
+        offsets: &CudaView<u32>,
+        y: &mut CudaViewMut<f32>,
+        k: usize,
+    ) -> Result<()> {
+        let experts = offsets.len().saturating_sub(1);
+        let m = w.len() / (experts * k).max(1);
+        extent("moe_gemm", "w", w.len(), experts * m * k)?;
+        let entries = y.len() / m.max(1);
+        extent("moe_gemm", "y", y.len(), entries * m)?;
+        let rows = a.len() / k.max(1);
+        extent("moe_gemm", "a", a.len(), rows * k)?;
+        match a_rows {
+            Some(a_rows) => extent("moe_gemm", "a_rows", a_rows.len(), entries)?,
+            None => extent("moe_gemm", "a", rows, entries)?,
+        }
+        let null: u64 = 0;
+        let (ki, mi) = (int(k)?, int(m)?);
+        let mut args = stream.launch_builder(&self.moe_gemm);
+        args.arg(a);
+        match a_rows {
+            Some(a_rows) => args.arg(a_rows),
+            None => args.arg(&null),
+        };
+        args.arg(w).arg(offsets).arg(y).arg(&ki).arg(&mi);
+        let tiles = m.div_ceil(MOE_GEMM_COLS);
+        launch(args, "moe_gemm", grid(experts, tiles, 1, MOE_GEMM_THREADS)?)
+    }
+
+    /// `x[row] += shared[row] + Σ_j weights[row, j] · y[positions[row, j]]`,
+    /// the row's choices summed by ascending expert. `y` is `[entries, d]`,
+    /// the others `[n, top_k]` or `[n, d]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_combine(
+        &self,
+        stream: &CudaStream,
+        y: &CudaView<f32>,
+        positions: &CudaView<u32>,
+        experts: &CudaView<u32>,
+        weights: &CudaView<f32>,
+        shared: &CudaView<f32>,
+        x: &mut CudaViewMut<f32>,
+        top_k: usize,
+    ) -> Result<()> {
+        let n = positions.len() / top_k.max(1);
+        let d = x.len() / n.max(1);
+        for (buffer, len, want) in [
+            ("positions", positions.len(), n * top_k),
+            ("experts", experts.len(), n * top_k),
+            ("weights", weights.len(), n * top_k),
+            ("shared", shared.len(), n * d),
+            ("x", x.len(), n * d),
+            ("y", y.len(), n * top_k * d),
+        ] {
+            extent("moe_combine", buffer, len, want)?;
+        }
+        let (di, ki) = (int(d)?, int(top_k)?);
+        let mut args = stream.launch_builder(&self.moe_combine);
+        args.arg(y).arg(positions).arg(experts).arg(weights);
+        args.arg(shared).arg(x).arg(&di).arg(&ki);
+        launch(
+            args,
+            "moe_combine",
+            grid(n, d.div_ceil(ROW_THREADS as usize), 1, ROW_THREADS)?,
+        )
     }
 
     /// Attention of the q rows of `qkv` (`[n, qkv_dim]`), each sequence of
@@ -527,6 +632,29 @@ pub fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>
                  the driver must support CUDA 13.0"
             ))
         })
+}
+
+/// Whether kv_update can QK-norm a row of `heads`.
+pub fn check_qk_norm(heads: Heads) -> Result<()> {
+    if heads.heads + heads.kv_heads > KV_UPDATE_NORMED_HEADS {
+        return Err(Error::Device(format!(
+            "kv_update: QK-norm of {} heads, more than the {KV_UPDATE_NORMED_HEADS} the kernel holds",
+            heads.heads + heads.kv_heads
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the router kernel (and the expert sort) can hold `moe`'s
+/// experts, groups and top-k.
+pub fn check_router(moe: &MoeConfig) -> Result<()> {
+    let (e, g, k) = (moe.experts, moe.groups, moe.experts_per_token);
+    if e > ROUTER_MAX_EXPERTS || g > ROUTER_MAX_GROUPS || k > ROUTER_MAX_TOP_K {
+        return Err(Error::Device(format!(
+            "moe_router: {e} experts in {g} groups, top {k}: the kernel holds at most {ROUTER_MAX_EXPERTS} in {ROUTER_MAX_GROUPS}, top {ROUTER_MAX_TOP_K}"
+        )));
+    }
+    Ok(())
 }
 
 /// The slots of a key cache and a value cache of `k` and `v` values, which

@@ -16,6 +16,8 @@
 //!   x   += attn · Woᵀ                                 cuBLASLt, beta = 1
 //!   gu   = rms_norm(x) · Wgate|upᵀ                    rms_norm.cu + cuBLASLt
 //!   x   += (silu(g) * u) · Wdownᵀ                     silu_gate.cu + cuBLASLt, beta = 1
+//!   (an MoE layer: the shared expert's output apart, then the routed
+//!    experts and the sum into x, in moe.rs)
 //! rows: logits = rms_norm(x[rows]) · Wheadᵀ           every pass's rows together, in chunks of HEAD_ROWS
 //!       stats  = confidence(logits)                   confidence.cu: 16 bytes a row
 //! ```
@@ -33,6 +35,7 @@ mod graphs;
 pub mod kernels;
 mod linear;
 mod quantized;
+mod moe;
 mod ragged;
 mod weights;
 
@@ -41,7 +44,8 @@ use std::sync::Arc;
 
 pub use cudarc;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
+use half::bf16;
 
 use crate::backend::{Backend, CacheLayout, ForwardPass, PassShapes, TokenStats};
 use crate::config::ModelConfig;
@@ -59,7 +63,7 @@ pub use kernels::{
 pub use linear::DeviceMatrix;
 pub use quantized::{QuantizedMatrix, DEQUANT_ROWS};
 pub use ragged::{QueryTile, RaggedAttention, RaggedDevice, SequenceDesc, SequenceShape};
-use weights::Weights;
+use weights::{Layer, Weights};
 
 /// The oldest driver API that loads kernels built by nvcc 13.0.
 const MIN_DRIVER: i32 = 13000;
@@ -186,16 +190,22 @@ impl CudaBackend {
     /// Uploads the model's weights to `gpu`.
     pub fn on(gpu: Gpu, model: &Model) -> Result<CudaBackend> {
         let config = model.config.clone();
-        if config.family == crate::config::Family::Llada2 {
-            return Err(Error::Device(
-                "the CUDA backend does not run llada2_moe models yet (routed experts, QK-norm, partial RoPE): use --device cpu".into(),
-            ));
-        }
         if ![32, 64, 128].contains(&config.head_dim) {
             return Err(Error::Device(format!(
                 "head_dim {} has no attention kernel (32, 64 and 128 are built)",
                 config.head_dim
             )));
+        }
+        // What the kernels hold, checked before the weights go up.
+        if let Some(moe) = &config.moe {
+            kernels::check_router(moe)?;
+        }
+        if config.qk_norm {
+            kernels::check_qk_norm(Heads {
+                heads: config.n_heads,
+                kv_heads: config.n_kv_heads,
+                head_dim: config.head_dim,
+            })?;
         }
         let name = gpu.name()?;
         let need = Weights::bytes(model)?;
@@ -348,7 +358,7 @@ impl CudaBackend {
         } = self;
         let cache = cache.as_mut().expect("validate_batch() saw a cache");
         let a = activations.as_mut().expect("reserve() allocated them");
-        let (n, d, f) = (step.tokens(), c.d_model, c.ffn_hidden);
+        let (n, d) = (step.tokens(), c.d_model);
         let (qkv_dim, eps) = (heads.qkv_dim(), c.rms_eps);
         gpu.kernels.embed(
             &gpu.stream,
@@ -373,11 +383,16 @@ impl CudaBackend {
                 false,
             )?;
             let bias = layer.qkv_bias.as_ref().map(|bias| bias.as_view());
+            let qk_norm = layer.qk_norm.as_ref().map(|[q, k]| QkNorm {
+                q: q.as_view(),
+                k: k.as_view(),
+                eps,
+            });
             gpu.kernels.kv_update(
                 &gpu.stream,
                 &mut a.qkv.slice_mut(..n * qkv_dim),
                 bias.as_ref(),
-                None,
+                qk_norm.as_ref(),
                 &a.positions.slice(..n),
                 &a.slots.slice(..n),
                 &weights.inv_freq.as_view(),
@@ -410,26 +425,37 @@ impl CudaBackend {
                 &mut a.normed.slice_mut(..n * d),
                 eps,
             )?;
-            layer.gate_up.product(
-                gpu,
-                weights.scratch.as_mut(),
-                &mut a.gate_up.slice_mut(..n * 2 * f),
-                &a.normed.slice(..n * d),
-                false,
-            )?;
-            gpu.kernels.silu_gate(
-                &gpu.stream,
-                &a.gate_up.slice(..n * 2 * f),
-                &mut a.hidden.slice_mut(..n * f),
-                f,
-            )?;
-            layer.down.product(
-                gpu,
-                weights.scratch.as_mut(),
-                &mut a.x.slice_mut(..n * d),
-                &a.hidden.slice(..n * f),
-                true,
-            )?;
+            let h = a.normed.slice(..n * d);
+            match &layer.routed {
+                None => mlp(
+                    gpu,
+                    weights.scratch.as_mut(),
+                    layer,
+                    &h,
+                    (&mut a.gate_up, &mut a.hidden),
+                    &mut a.x.slice_mut(..n * d),
+                    true,
+                )?,
+                Some(experts) => {
+                    // The shared expert's output apart: the routed experts'
+                    // sum is added to it before the residual, as on the CPU.
+                    let b = a.moe.as_mut().expect("an MoE config allocates them");
+                    mlp(
+                        gpu,
+                        weights.scratch.as_mut(),
+                        layer,
+                        &h,
+                        (&mut a.gate_up, &mut a.hidden),
+                        &mut b.shared.slice_mut(..n * d),
+                        false,
+                    )?;
+                    let moe = c
+                        .moe
+                        .as_ref()
+                        .expect("routed experts come from an MoE config");
+                    moe::forward(gpu, experts, moe, b, &h, &mut a.x.slice_mut(..n * d), d)?;
+                }
+            }
         }
         Ok(())
     }
@@ -543,8 +569,13 @@ impl Backend for CudaBackend {
     fn expect(&mut self, shapes: &PassShapes) -> Result<()> {
         let c = &self.config;
         let (d, f, qkv) = (c.d_model, c.ffn_hidden, self.heads().qkv_dim());
+        let mut products = vec![(d, qkv), (d, d), (d, 2 * f), (f, d)];
+        if let Some(moe) = &c.moe {
+            let shared = moe.shared_hidden();
+            products.extend([(d, moe.experts), (d, 2 * shared), (shared, d)]);
+        }
         for &n in &shapes.tokens {
-            for (k, m) in [(d, qkv), (d, d), (d, 2 * f), (f, d)] {
+            for &(k, m) in &products {
                 self.gpu.gemm.plan(n, k, m)?;
             }
         }
@@ -626,6 +657,38 @@ impl CudaBackend {
             }
         }
     }
+}
+
+/// `out (+)= (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ` of `layer`'s dense MLP (or
+/// shared expert) over the rows of `h`, through the `gate_up` and `hidden`
+/// buffers; `accumulate` adds to `out` (the residual) instead of writing it.
+fn mlp(
+    gpu: &mut Gpu,
+    mut scratch: Option<&mut CudaSlice<bf16>>,
+    layer: &Layer,
+    h: &CudaView<bf16>,
+    (gate_up, hidden): (&mut CudaSlice<f32>, &mut CudaSlice<bf16>),
+    out: &mut CudaViewMut<f32>,
+    accumulate: bool,
+) -> Result<()> {
+    let d = layer.ffn_norm.len();
+    let (n, f) = (h.len() / d, layer.down.cols());
+    layer.gate_up.product(
+        gpu,
+        scratch.as_deref_mut(),
+        &mut gate_up.slice_mut(..n * 2 * f),
+        h,
+        false,
+    )?;
+    gpu.kernels.silu_gate(
+        &gpu.stream,
+        &gate_up.slice(..n * 2 * f),
+        &mut hidden.slice_mut(..n * f),
+        f,
+    )?;
+    layer
+        .down
+        .product(gpu, scratch, out, &hidden.slice(..n * f), accumulate)
 }
 
 /// An [`Error::Device`] for a failed driver call; out-of-memory gets its own wording.

@@ -9,7 +9,10 @@
 //! Projections that read the same input are concatenated along their output
 //! rows, so each layer runs three input GEMMs fewer: q|k|v is one
 //! `[d + 2 kv, d]` matrix and gate|up one `[2 f, d]` matrix (quantized rows
-//! concatenate with their scales, which are per row).
+//! concatenate with their scales, which are per row). An MoE layer's routed
+//! experts are stacked into one gate|up and one down matrix, expert after
+//! expert, which the grouped GEMM (kernels/moe_experts.cu) indexes; they are
+//! bf16 whatever the checkpoint stores (dequantized on the host).
 
 use crate::cpu::ops::inv_freq;
 use std::sync::Arc;
@@ -19,10 +22,11 @@ use half::bf16;
 
 use super::driver_error;
 use super::linear::DeviceMatrix;
+use super::moe::Experts;
 use super::quantized::QuantizedMatrix;
 use crate::checkpoint::TensorView;
 use crate::error::{Error, Result};
-use crate::model::{LayerTensors, Model, ModelTensors};
+use crate::model::{LayerTensors, Model, ModelTensors, RoutedExperts};
 use crate::progress::Progress;
 use crate::quant::{Encoding, MatrixView};
 
@@ -31,10 +35,15 @@ pub struct Layer {
     pub qkv: DeviceMatrix,
     /// bq|bk|bv, matching the columns of `qkv`'s output (Dream only).
     pub qkv_bias: Option<CudaSlice<f32>>,
+    /// q and k RMSNorm weights, `[head_dim]` each (LLaDA2 only).
+    pub qk_norm: Option<[CudaSlice<f32>; 2]>,
     pub o: DeviceMatrix,
     pub ffn_norm: CudaSlice<f32>,
+    /// The dense MLP, or an MoE layer's shared expert.
     pub gate_up: DeviceMatrix,
     pub down: DeviceMatrix,
+    /// An MoE layer's router and routed experts.
+    pub routed: Option<Experts>,
 }
 
 pub struct Weights {
@@ -104,6 +113,14 @@ impl Weights {
             .chain([vec![&t.head]])
             .map(|parts| matrix_bytes(&parts))
             .sum();
+        let routed = t.layers.iter().flat_map(|l| &l.routed);
+        let experts: usize = routed
+            .clone()
+            .map(|r| {
+                let matrices = r.experts.iter().flatten().chain([&r.router]);
+                values(&matrices.collect::<Vec<_>>()) * 2
+            })
+            .sum();
         let vectors: usize = t
             .layers
             .iter()
@@ -111,12 +128,14 @@ impl Weights {
                 [&l.attn_norm, &l.ffn_norm]
                     .into_iter()
                     .chain(l.qkv_bias.iter().flatten())
+                    .chain(l.qk_norm.iter().flatten())
             })
+            .chain(routed.map(|r| &r.expert_bias))
             .chain([&t.final_norm])
             .map(elements)
             .sum::<usize>()
             + model.config.rotary_dim() / 2;
-        Ok(values(&[&t.embed]) * 2 + matrices + vectors * 4 + scratch_values(&t) * 2)
+        Ok(values(&[&t.embed]) * 2 + matrices + experts + vectors * 4 + scratch_values(&t) * 2)
     }
 
     pub fn upload(stream: &Arc<CudaStream>, model: &Model) -> Result<Weights> {
@@ -138,10 +157,16 @@ impl Weights {
                         .as_ref()
                         .map(|[q, k, v]| up.vector(&[q, k, v]))
                         .transpose()?,
+                    qk_norm: l
+                        .qk_norm
+                        .as_ref()
+                        .map(|[q, k]| Ok::<_, Error>([up.vector(&[q])?, up.vector(&[k])?]))
+                        .transpose()?,
                     o: up.matrix(&o)?,
                     ffn_norm: up.vector(&[&l.ffn_norm])?,
                     gate_up: up.matrix(&gate_up)?,
                     down: up.matrix(&down)?,
+                    routed: l.routed.as_ref().map(|r| up.experts(r)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -256,6 +281,20 @@ impl Upload<'_> {
             at += host.len();
         }
         Ok(device)
+    }
+
+    /// The router and the experts stacked, in bf16: gate and up of each
+    /// expert in turn, then every down.
+    fn experts(&self, routed: &RoutedExperts) -> Result<Experts> {
+        let gate_up: Vec<&MatrixView> =
+            routed.experts.iter().flat_map(|[g, u, _]| [g, u]).collect();
+        let down: Vec<&MatrixView> = routed.experts.iter().map(|[_, _, down]| down).collect();
+        Ok(Experts {
+            router: self.bf16(&[&routed.router])?,
+            expert_bias: self.vector(&[&routed.expert_bias])?,
+            gate_up: self.bf16(&gate_up)?,
+            down: self.bf16(&down)?,
+        })
     }
 
     /// The concatenation of `parts`, as f32 (norm weights and biases: a few

@@ -7,6 +7,7 @@ pub mod watched;
 
 use std::path::{Path, PathBuf};
 
+use dllm::backend::{Backend, ForwardPass, SINGLE_PAGE};
 use dllm::{CacheMode, DecodeOptions, DreamAlg, Editing, Sampler};
 use serde_json::Value;
 
@@ -186,4 +187,59 @@ pub fn robust_cases(model: &str) -> Vec<Case> {
                 - case.get("nfe_idle").and_then(Value::as_u64).unwrap_or(0) as usize,
         })
         .collect()
+}
+
+/// Per row of `[rows, vocab]` logits: max |got − want| over the row, relative
+/// to the row's largest |want|. Returns the worst row's (error, row).
+pub fn logits_error(got: &[f32], want: &[f32], vocab: usize) -> (f32, usize) {
+    assert_eq!(got.len(), want.len());
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("logit {i} of {} is {}", got.len(), got[i]);
+    }
+    got.chunks_exact(vocab)
+        .zip(want.chunks_exact(vocab))
+        .map(|(g, w)| {
+            let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = g
+                .iter()
+                .zip(w)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            diff / scale
+        })
+        .enumerate()
+        .fold(
+            (0.0, 0),
+            |worst, (r, e)| if e > worst.0 { (e, r) } else { worst },
+        )
+}
+
+/// Logits of a whole sequence under block attention, computed block by
+/// block against the cache as generation runs them; `after` sees the
+/// backend after each block's forward.
+pub fn block_logits<B: Backend>(
+    backend: &mut B,
+    tokens: &[u32],
+    block: usize,
+    mut after: impl FnMut(&B),
+) -> Vec<f32> {
+    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+    backend.prepare(tokens.len()).unwrap();
+    let mut logits = Vec::new();
+    for start in (0..tokens.len()).step_by(block) {
+        let end = start + block;
+        logits.extend(
+            backend
+                .logits_of(&ForwardPass {
+                    tokens: &tokens[start..end],
+                    positions: &positions[start..end],
+                    write_slot: start,
+                    attend_len: end,
+                    rows: 0..block,
+                    pages: SINGLE_PAGE,
+                })
+                .unwrap(),
+        );
+        after(backend);
+    }
+    logits
 }
