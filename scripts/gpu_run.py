@@ -89,13 +89,13 @@ STEPS = [
     Step("a-device", "device, driver and library versions", {"gpu": 10, "dry": 5}),
     Step("b-tests", "tests/cuda.rs", {"gpu": 60, "dry": 15}, gate=True),
     Step("b-eval", "dllm eval --check on the small model", {"gpu": 20, "dry": 40}, gate=True),
-    Step("b-batch", "tests/cuda_batch.rs: requests decoded together as alone", {"gpu": 20, "dry": 20}),
+    Step("b-batch", "tests/cuda_batch.rs: requests decoded together as alone", {"gpu": 20, "dry": 15}),
     Step("c-memcheck", "compute-sanitizer memcheck on the kernel tests", {"gpu": 40, "dry": 10}),
     Step("c-racecheck", "compute-sanitizer racecheck on the kernel tests", {"gpu": 40, "dry": 10}),
     Step("d-floors", "DESIGN §4 floors: copy bandwidth and bf16 matmul rate (PyTorch)", {"gpu": 15, "dry": 10},
          needs_torch=True),
     Step("d-bench", "dllm bench --synthetic llada-8b: prompt phase, full forward, cached step", {"gpu": 60, "dry": 15}),
-    Step("d-batch", "dllm bench --batch: aggregate throughput of concurrent requests", {"gpu": 30, "dry": 10}),
+    Step("d-batch", "dllm bench --batch: aggregate throughput of concurrent requests", {"gpu": 30, "dry": 15}),
     Step("d-kernels", "kernel benchmarks (benches/kernels.rs)", {"gpu": 30, "dry": 5}),
     Step("e-llada", "comparison with the PyTorch references: LLaDA-8B", {"gpu": 150, "dry": 90}, needs_torch=True),
     Step("e-dream", "comparison with the PyTorch references: Dream-7B, if time is left", {"gpu": 130, "dry": 60},
@@ -368,8 +368,8 @@ class Run:
         if self.mode == "gpu":
             model, batches = ["--synthetic", "llada-8b", "--prompt-length", "256", "--gen-length", "64"], "1,8,32"
         else:
-            model, batches = ["--model", REPO / "tests/data/golden/llada_tiny_s1/bf16", "--prompt-length", "64",
-                              "--gen-length", "64", "--steps", "8"], "1,4"
+            model, batches = ["--model", REPO / "tests/data/golden/llada_tiny_s1/bf16", "--prompt-length", "32",
+                              "--gen-length", "32", "--steps", "4"], "1,2"
         outcome = self.execute(step, [self.path("dllm"), "bench", *model, "--block-length", "32", "--only", "dual",
                                       "--batch", batches, "--device", "cuda", "--json"])
         outcome.data = {"rows": [json.loads(line) for line in outcome.log.splitlines() if line.startswith("{")]}

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use dllm::backend::CacheLayout;
+use dllm::backend::{CacheLayout, PassShapes, TokenStats};
 use dllm::cpu::{CpuBackend, Routing};
 use dllm::cuda::CudaBackend;
 use dllm::{
@@ -79,8 +79,8 @@ impl<B: Routed> ExpertProbe<B> {
     }
 }
 
-/// Passes everything through to the backend; its token statistics come
-/// from `logits`, so every forward is recorded there.
+/// Passes everything through to the backend (the device's own token
+/// statistics included) and records the routing of every forward.
 impl<B: Routed> Backend for ExpertProbe<B> {
     fn device_name(&self) -> String {
         self.backend.device_name()
@@ -98,10 +98,24 @@ impl<B: Routed> Backend for ExpertProbe<B> {
         self.backend.allocate_cache(layout)
     }
 
+    fn prepare(&mut self, slots: usize) -> dllm::Result<()> {
+        self.backend.prepare(slots)
+    }
+
+    fn expect(&mut self, shapes: &PassShapes) -> dllm::Result<()> {
+        self.backend.expect(shapes)
+    }
+
     fn logits(&mut self, passes: &[ForwardPass]) -> dllm::Result<Vec<Vec<f32>>> {
         let logits = self.backend.logits(passes)?;
         self.record();
         Ok(logits)
+    }
+
+    fn token_stats(&mut self, passes: &[ForwardPass]) -> dllm::Result<Vec<Vec<TokenStats>>> {
+        let stats = self.backend.token_stats(passes)?;
+        self.record();
+        Ok(stats)
     }
 }
 
