@@ -34,8 +34,8 @@ mod gemm;
 mod graphs;
 pub mod kernels;
 mod linear;
-mod quantized;
 mod moe;
+mod quantized;
 mod ragged;
 mod weights;
 
