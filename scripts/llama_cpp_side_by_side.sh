@@ -33,11 +33,14 @@ BLOCK=${BLOCK:-32}
 FORMATS=${FORMATS:-"F16:bf16 Q8_0:int8 Q4_0:int4"}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$ROOT/bench/llama.cpp
+# Paths below are relative to the repository root, so the logged commands
+# read the same on any machine.
+cd "$ROOT"
+WORK=bench/llama.cpp
 SRC=$WORK/src
 BIN=$WORK/build/bin
 MODEL=$WORK/models/llada-d${D_MODEL}-l${LAYERS}
-DLLM=$ROOT/target/release/dllm
+DLLM=target/release/dllm
 mkdir -p "$WORK/models"
 
 # 1. llama.cpp's source, from the llama-cpp-python sdist.
