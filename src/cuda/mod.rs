@@ -426,35 +426,31 @@ impl CudaBackend {
                 eps,
             )?;
             let h = a.normed.slice(..n * d);
-            match &layer.routed {
-                None => mlp(
-                    gpu,
-                    weights.scratch.as_mut(),
-                    layer,
-                    &h,
-                    (&mut a.gate_up, &mut a.hidden),
-                    &mut a.x.slice_mut(..n * d),
-                    true,
-                )?,
-                Some(experts) => {
-                    // The shared expert's output apart: the routed experts'
-                    // sum is added to it before the residual, as on the CPU.
-                    let b = a.moe.as_mut().expect("an MoE config allocates them");
-                    mlp(
-                        gpu,
-                        weights.scratch.as_mut(),
-                        layer,
-                        &h,
-                        (&mut a.gate_up, &mut a.hidden),
-                        &mut b.shared.slice_mut(..n * d),
-                        false,
-                    )?;
-                    let moe = c
-                        .moe
-                        .as_ref()
-                        .expect("routed experts come from an MoE config");
-                    moe::forward(gpu, experts, moe, b, &h, &mut a.x.slice_mut(..n * d), d)?;
-                }
+            // An MoE layer's shared expert writes apart: the routed experts'
+            // sum is added to it before the residual, as on the CPU.
+            let mut routed = layer.routed.as_ref().map(|experts| {
+                let b = a.moe.as_mut().expect("an MoE config allocates them");
+                (experts, b)
+            });
+            let (mut out, accumulate) = match &mut routed {
+                None => (a.x.slice_mut(..n * d), true),
+                Some((_, b)) => (b.shared.slice_mut(..n * d), false),
+            };
+            mlp(
+                gpu,
+                weights.scratch.as_mut(),
+                layer,
+                &h,
+                (&mut a.gate_up, &mut a.hidden),
+                &mut out,
+                accumulate,
+            )?;
+            if let Some((experts, b)) = routed {
+                let moe = c
+                    .moe
+                    .as_ref()
+                    .expect("routed experts come from an MoE config");
+                moe::forward(gpu, experts, moe, b, &h, &mut a.x.slice_mut(..n * d), d)?;
             }
         }
         Ok(())
