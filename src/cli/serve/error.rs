@@ -24,7 +24,7 @@ pub struct ApiError {
 /// The prompt is left out: a message about the prompt and an option (a
 /// prompt too long for `max_tokens`) is about the option, and one about the
 /// prompt alone falls back to the prompt's field.
-const ENGINE_FIELDS: [(&str, &str); 18] = [
+const ENGINE_FIELDS: &[(&str, &str)] = &[
     ("gen_length", "max_tokens"),
     ("block_length", "block_length"),
     ("steps", "steps"),
